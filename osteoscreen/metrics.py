@@ -1,0 +1,63 @@
+"""Prometheus series of our own, beside BentoML's built-in `bentoml_service_*` ones.
+
+Created through `bentoml.metrics`, so they live in BentoML's multiprocess registry and every worker's
+samples appear on the one `/metrics` endpoint of the HTTP port. The k8s manifests (HPA, alerts, Grafana)
+use exactly these names; `tests/test_k8s_policy.py` checks that.
+"""
+
+from __future__ import annotations
+
+import bentoml
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+PROBABILITY_BUCKETS = tuple(round(0.1 * i, 1) for i in range(1, 11))
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+GRPC_REQUESTS = bentoml.metrics.Counter(
+    name="osteoscreen_grpc_requests_total",
+    documentation="gRPC calls by service, method and status code.",
+    labelnames=["service", "method", "code"],
+)
+REQUEST_DURATION = bentoml.metrics.Histogram(
+    name="osteoscreen_request_duration_seconds",
+    documentation="Wall time of one prediction request, by protocol (http, grpc) and API.",
+    labelnames=["protocol", "api"],
+    buckets=LATENCY_BUCKETS,
+)
+INFLIGHT = bentoml.metrics.Gauge(
+    name="osteoscreen_inflight_requests",
+    documentation="Prediction requests accepted and not yet answered, by protocol (the HPA's queue-pressure signal).",
+    labelnames=["protocol"],
+    multiprocess_mode="livesum",
+)
+QUEUE_WAIT = bentoml.metrics.Histogram(
+    name="osteoscreen_queue_wait_seconds",
+    documentation="Time from a request's arrival to the start of the model batch that serves it.",
+    buckets=LATENCY_BUCKETS,
+)
+BATCH_SIZE = bentoml.metrics.Histogram(
+    name="osteoscreen_batch_size",
+    documentation="Images per model call (extractor + Random Forest).",
+    buckets=BATCH_BUCKETS,
+)
+REJECTED = bentoml.metrics.Counter(
+    name="osteoscreen_rejected_requests_total",
+    documentation="Requests refused before inference, by protocol and reason (invalid_input, overloaded, deadline).",
+    labelnames=["protocol", "reason"],
+)
+PREDICTIONS = bentoml.metrics.Counter(
+    name="osteoscreen_predictions_total",
+    documentation="Predictions returned, by label (for drift of the prediction mix).",
+    labelnames=["label"],
+)
+PROBABILITY = bentoml.metrics.Histogram(
+    name="osteoscreen_prediction_probability",
+    documentation="Distribution of predicted osteoporosis probability (for drift).",
+    buckets=PROBABILITY_BUCKETS,
+)
+MODEL_INFO = bentoml.metrics.Gauge(
+    name="osteoscreen_model_info",
+    documentation="Always 1; labels name the model being served.",
+    labelnames=["name", "version", "backbone"],
+    multiprocess_mode="max",
+)

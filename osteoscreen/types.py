@@ -1,0 +1,36 @@
+"""Values that cross module boundaries: one prediction, and the contract every front end calls."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+LABELS = ("normal", "osteoporosis")  # index 1 is the positive class
+
+
+@dataclass(frozen=True)
+class Prediction:
+    probability: float  # calibrated probability of osteoporosis
+    label: str  # "osteoporosis" when probability >= threshold, else "normal"
+    threshold: float  # the operating threshold chosen at training time
+    model: str  # model name in the BentoML store
+    version: str  # model version (BentoML tag version)
+
+
+class Predictor(Protocol):
+    """The one inference path behind HTTP and both gRPC APIs.
+
+    `predict` takes encoded image files and returns one Prediction per file, in order. It raises
+    `errors.ImageDecodeError` (message names the offending index) when any input is unusable,
+    `errors.OverloadedError` when the queue is full, and `TimeoutError` when `timeout` seconds pass.
+    """
+
+    model_name: str
+    model_version: str
+    backbone: str
+
+    def is_ready(self) -> bool: ...
+
+    async def predict(
+        self, images: Sequence[bytes], format_hints: Sequence[str | None] | None = None, timeout: float | None = None
+    ) -> list[Prediction]: ...
