@@ -16,7 +16,6 @@ INPUT_SIZE = 224  # every backbone sees 224x224, as the seed resized its images
 class BackboneSpec:
     name: str
     keras_app: str  # attribute of keras.applications
-    first_conv: str  # layer whose kernel is folded to one input channel
     scale: tuple[float, float, float]
     offset: tuple[float, float, float]
     feature_layers: dict[str, str]  # short name -> Keras layer whose pooled output is a candidate feature
@@ -30,7 +29,6 @@ SPECS: dict[str, BackboneSpec] = {
     "vgg16": BackboneSpec(
         name="vgg16",
         keras_app="VGG16",
-        first_conv="block1_conv1",
         scale=(1.0, 1.0, 1.0),
         offset=tuple(-m for m in _CAFFE_MEAN_BGR),
         feature_layers={"block3": "block3_pool", "block4": "block4_pool", "block5": "block5_pool"},
@@ -40,7 +38,6 @@ SPECS: dict[str, BackboneSpec] = {
     "resnet50": BackboneSpec(
         name="resnet50",
         keras_app="ResNet50",
-        first_conv="conv1_conv",
         scale=(1.0, 1.0, 1.0),
         offset=tuple(-m for m in _CAFFE_MEAN_BGR),
         feature_layers={"stage3": "conv3_block4_out", "stage4": "conv4_block6_out", "stage5": "conv5_block3_out"},
@@ -50,7 +47,6 @@ SPECS: dict[str, BackboneSpec] = {
     "inceptionv3": BackboneSpec(
         name="inceptionv3",
         keras_app="InceptionV3",
-        first_conv="conv2d",
         scale=(1 / 127.5,) * 3,
         offset=(-1.0,) * 3,
         feature_layers={"mixed5": "mixed5", "mixed7": "mixed7", "mixed10": "mixed10"},

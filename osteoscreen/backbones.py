@@ -1,0 +1,106 @@
+"""Grayscale ImageNet feature extractors.
+
+Radiographs are single-channel, ImageNet networks take three. Replicating the gray channel three
+times wastes nothing but is not what the seed did: it adapted the network to one input channel. We do
+that exactly, by folding each network's own preprocessing into its first convolution:
+
+    conv(K, [g*s_c + o_c]_c) = conv(sum_c K_c*s_c, g) + conv(sum_c K_c*o_c, 1)
+
+The second term is a convolution of a constant-one image. Computing it as a second input channel of
+ones (`AppendOnes`) keeps the equality exact even at the zero-padded border, where a folded bias
+alone would be off. So the one-channel model takes raw 0..255 intensities and gives the same
+features as the three-channel model on replicated, preprocessed input (`tests/test_backbones.py`).
+
+Features are globally pooled (average and max) outputs of a few layers per network; which ones the
+Random Forest uses is chosen by validation during training (`specs.BackboneSpec.feature_layers`).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import keras
+import numpy as np
+
+from osteoscreen import weights as weights_mod
+from osteoscreen.specs import INPUT_SIZE, POOLINGS, BackboneSpec, get_spec
+
+IMAGENET = "imagenet"
+
+
+@keras.saving.register_keras_serializable(package="osteoscreen")
+class AppendOnes(keras.layers.Layer):
+    """Appends a constant-one channel: carries the folded preprocessing offset through the first conv."""
+
+    def call(self, inputs):
+        return keras.ops.concatenate([inputs, keras.ops.ones_like(inputs)], axis=-1)
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape[:-1], 2 * input_shape[-1])
+
+
+def reference_model(backbone: str, weights: str | None = IMAGENET) -> keras.Model:
+    """The unmodified three-channel Keras application (no top), with verified ImageNet weights.
+
+    `weights=None` gives random weights, which must be asked for explicitly: never a silent fallback.
+    """
+    spec = get_spec(backbone)
+    if weights not in (IMAGENET, None):
+        raise ValueError(f"weights must be {IMAGENET!r} or None (random, explicit opt-in), not {weights!r}")
+    model = getattr(keras.applications, spec.keras_app)(
+        weights=None, include_top=False, input_shape=(INPUT_SIZE, INPUT_SIZE, 3)
+    )
+    if weights == IMAGENET:
+        info = weights_mod.load_info(backbone)  # raises WeightsError if missing or tampered
+        model.load_weights(info.path)
+    return model
+
+
+def fold_first_conv(reference: keras.Model, spec: BackboneSpec) -> keras.Model:
+    """A copy of `reference` whose input is [gray, ones], preprocessing folded into the first conv."""
+    with warnings.catch_warnings():  # Keras warns about the unusual channel count; it is intended here
+        warnings.simplefilter("ignore", UserWarning)
+        two_channel = getattr(keras.applications, spec.keras_app)(
+            weights=None, include_top=False, input_shape=(INPUT_SIZE, INPUT_SIZE, 2)
+        )
+    folded_first = False
+    for ref_layer, layer in zip(reference.layers, two_channel.layers, strict=True):
+        w = ref_layer.get_weights()
+        if not w:
+            continue
+        if not folded_first:  # the first layer with weights is the first convolution in every backbone
+            kernel = w[0].astype(np.float64)  # (h, w, 3, out), input channels in the network's own order
+            scale = np.asarray(spec.scale, dtype=np.float64)[None, None, :, None]
+            offset = np.asarray(spec.offset, dtype=np.float64)[None, None, :, None]
+            folded = np.stack([(kernel * scale).sum(axis=2), (kernel * offset).sum(axis=2)], axis=2)
+            w = [folded.astype(np.float32), *w[1:]]
+            folded_first = True
+        layer.set_weights(w)  # same architecture, same layer order: Inception's layer names are not stable
+    return two_channel
+
+
+def candidate_features(spec: BackboneSpec) -> list[str]:
+    """Every feature set an extractor emits: `<layer>_<pooling>` for each feature layer and pooling."""
+    return [f"{short}_{pool}" for short in spec.feature_layers for pool in POOLINGS]
+
+
+def extractor_from(reference: keras.Model, spec: BackboneSpec) -> keras.Model:
+    """One-channel extractor built on `reference`'s weights: (N, 224, 224, 1) 0..255 -> {name: (N, C)}."""
+    trunk = fold_first_conv(reference, spec)
+    taps = keras.Model(trunk.inputs, [trunk.get_layer(layer).output for layer in spec.feature_layers.values()])
+    inputs = keras.Input((INPUT_SIZE, INPUT_SIZE, 1), name="gray")
+    maps = taps(AppendOnes(name="append_ones")(inputs))
+    outputs = {}
+    for short, fmap in zip(spec.feature_layers, maps):
+        outputs[f"{short}_avg"] = keras.layers.GlobalAveragePooling2D(name=f"{short}_avg")(fmap)
+        outputs[f"{short}_max"] = keras.layers.GlobalMaxPooling2D(name=f"{short}_max")(fmap)
+    return keras.Model(inputs, outputs, name=f"{spec.name}_gray_extractor")
+
+
+def build_extractor(backbone: str = "vgg16", weights: str | None = IMAGENET) -> keras.Model:
+    """The extractor training and serving use. Raises WeightsError when ImageNet weights are not
+    provisioned; `weights=None` opts into random ones (tests and ablations only)."""
+    return extractor_from(reference_model(backbone, weights), get_spec(backbone))
+
+
+__all__ = ["AppendOnes", "IMAGENET", "build_extractor", "candidate_features", "extractor_from", "fold_first_conv", "reference_model"]
