@@ -1,0 +1,305 @@
+"""The gRPC front end: one `grpc.aio` server with Screening, the v2 inference protocol, health and reflection.
+
+BentoML 1.4 cannot serve gRPC for `@bentoml.service` classes, so `service.py` starts this server from an
+on-startup hook in every worker (`grpc.so_reuseport` lets the workers share the port) and stops it from an
+on-shutdown hook. Everything cross-cutting lives in `RpcGuard`, one interceptor for all services: admission
+(bounded in-flight predictions, refusal while draining), the exception -> status code map, and metrics.
+
+Shutdown drains instead of cutting: health turns NOT_SERVING, new predictions get UNAVAILABLE (clients retry
+on another replica), in-flight ones finish within the grace period, then the server closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection, reflection_pb2
+
+from osteoscreen import grpc_screening, grpc_v2, metrics
+from osteoscreen._generated import POOL
+from osteoscreen.errors import ImageDecodeError, ModelNotFoundError, OverloadedError
+from osteoscreen.types import Predictor
+
+log = logging.getLogger("osteoscreen.grpc")
+
+MiB = 1024 * 1024
+SERVED_SERVICES = (grpc_screening.SERVICE_NAME, grpc_v2.SERVICE_NAME)
+PREDICTION_METHODS = {
+    (grpc_screening.SERVICE_NAME, "Predict"),
+    (grpc_screening.SERVICE_NAME, "PredictBatch"),
+    (grpc_screening.SERVICE_NAME, "PredictStream"),
+    (grpc_v2.SERVICE_NAME, "ModelInfer"),
+}
+REJECTION_REASONS = {
+    grpc.StatusCode.INVALID_ARGUMENT: "invalid_input",
+    grpc.StatusCode.RESOURCE_EXHAUSTED: "overloaded",
+    grpc.StatusCode.DEADLINE_EXCEEDED: "deadline",
+}
+_CODES_BY_VALUE = {code.value[0]: code for code in grpc.StatusCode}
+READINESS_POLL_S = 1.0
+CONTROL_HEADROOM = 64  # RPCs beyond the prediction limit, so health checks still get through under load
+
+
+def _env_number(name: str, default: float, cast: Callable[[str], Any] = int) -> Any:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return cast(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a valid number") from None
+
+
+@dataclass(frozen=True)
+class GrpcSettings:
+    """Server knobs; `from_env` reads the OSTEOSCREEN_* variables (documented in the README)."""
+
+    port: int = 50051
+    host: str = "[::]"
+    max_message_bytes: int = 64 * MiB
+    max_concurrent: int = 256  # prediction RPCs in flight per worker before RESOURCE_EXHAUSTED
+    shutdown_grace_s: float = 20.0
+    max_connection_age_s: float = 300.0  # clients reconnect now and then, so new replicas get traffic
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> GrpcSettings:
+        values = dict(
+            port=_env_number("OSTEOSCREEN_GRPC_PORT", cls.port),
+            host=os.environ.get("OSTEOSCREEN_GRPC_HOST", cls.host),
+            max_message_bytes=_env_number("OSTEOSCREEN_GRPC_MAX_MESSAGE_BYTES", cls.max_message_bytes),
+            max_concurrent=_env_number("OSTEOSCREEN_GRPC_MAX_CONCURRENT", cls.max_concurrent),
+            shutdown_grace_s=_env_number("OSTEOSCREEN_SHUTDOWN_GRACE_S", cls.shutdown_grace_s, float),
+            max_connection_age_s=_env_number("OSTEOSCREEN_GRPC_MAX_CONNECTION_AGE_S", cls.max_connection_age_s, float),
+        )
+        values.update(overrides)
+        return cls(**values)
+
+
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The one map from exceptions to gRPC status, for every servicer. Unknown errors get a generic
+    message (never a traceback) plus a reference that is also in the server log."""
+    if isinstance(exc, ImageDecodeError):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc) or "the image could not be decoded"
+    if isinstance(exc, OverloadedError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc) or "the server is overloaded; retry with backoff"
+    if isinstance(exc, TimeoutError):
+        return grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before the prediction finished"
+    if isinstance(exc, ModelNotFoundError):
+        log.error("no model to serve: %s", exc)
+        return grpc.StatusCode.UNAVAILABLE, f"no model loaded on this replica: {exc}"
+    ref = uuid.uuid4().hex[:12]
+    log.error("internal error in gRPC call (ref %s)", ref, exc_info=exc)
+    return grpc.StatusCode.INTERNAL, f"internal server error (ref {ref}); see the server log"
+
+
+def _code_of(context: grpc.aio.ServicerContext, default: grpc.StatusCode) -> grpc.StatusCode:
+    code = context.code()
+    if code is None:
+        return default
+    return code if isinstance(code, grpc.StatusCode) else _CODES_BY_VALUE.get(code, grpc.StatusCode.UNKNOWN)
+
+
+class RpcGuard(grpc.aio.ServerInterceptor):
+    """Admission, error mapping and metrics around every RPC, so servicers stay thin."""
+
+    def __init__(self, max_inflight: int) -> None:
+        self.max_inflight = max_inflight
+        self.inflight = 0
+        self.draining = False
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    async def intercept_service(
+        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        service, _, method = details.method.lstrip("/").rpartition("/")
+        predicts = (service, method) in PREDICTION_METHODS
+        for kind in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
+            behavior = getattr(handler, kind)
+            if behavior is not None:
+                return handler._replace(**{kind: self._wrap(behavior, service, method, predicts)})
+        return handler
+
+    def _wrap(self, behavior: Callable, service: str, method: str, predicts: bool) -> Callable:
+        if inspect.isasyncgenfunction(behavior):
+            async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                async with self._guard(service, method, predicts, context):
+                    async for response in behavior(request, context):
+                        yield response
+            return streaming
+
+        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            async with self._guard(service, method, predicts, context):
+                return await behavior(request, context)
+        return unary
+
+    @contextlib.asynccontextmanager
+    async def _guard(self, service: str, method: str, predicts: bool, context: grpc.aio.ServicerContext):
+        start = time.perf_counter()
+        code = grpc.StatusCode.OK
+        admitted = False
+        try:
+            if predicts:
+                await self._admit(context)
+                admitted = True
+            yield
+            code = _code_of(context, grpc.StatusCode.OK)
+        except grpc.aio.AbortError:
+            code = _code_of(context, grpc.StatusCode.UNKNOWN)
+            raise
+        except Exception as exc:
+            code, message = status_for(exc)
+            await context.abort(code, message)
+        except BaseException:  # cancelled by the client, its deadline, or shutdown
+            remaining = context.time_remaining()
+            expired = remaining is not None and remaining <= 0
+            code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+            raise
+        finally:
+            if admitted:
+                self._release(method, start, streaming=method == "PredictStream")
+            self._record(service, method, code, predicts)
+
+    async def _admit(self, context: grpc.aio.ServicerContext) -> None:
+        if self.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry on another replica")
+        if self.inflight >= self.max_inflight:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"server busy: {self.inflight} prediction calls in flight (limit {self.max_inflight}); "
+                "retry with backoff",
+            )
+        self.inflight += 1
+        self.idle.clear()
+        metrics.INFLIGHT.labels(protocol="grpc").inc()
+
+    def _release(self, method: str, start: float, streaming: bool) -> None:
+        self.inflight -= 1
+        if self.inflight == 0:
+            self.idle.set()
+        metrics.INFLIGHT.labels(protocol="grpc").dec()
+        if not streaming:  # a stream's lifetime is not one request's latency
+            metrics.REQUEST_DURATION.labels(protocol="grpc", api=method).observe(time.perf_counter() - start)
+
+    @staticmethod
+    def _record(service: str, method: str, code: grpc.StatusCode, predicts: bool) -> None:
+        metrics.GRPC_REQUESTS.labels(service=service, method=method, code=code.name).inc()
+        reason = REJECTION_REASONS.get(code)
+        if predicts and reason:
+            metrics.REJECTED.labels(protocol="grpc", reason=reason).inc()
+
+
+def _register_in_pool(*files: Any) -> None:
+    """Reflection reads one descriptor pool: ours, plus the health and reflection files from the default."""
+    for file in files:
+        try:
+            POOL.FindFileByName(file.name)
+        except KeyError:
+            POOL.AddSerializedFile(file.serialized_pb)
+
+
+class GrpcServer:
+    """One worker's gRPC server. `await start()` binds and serves; `await stop()` drains and closes."""
+
+    def __init__(self, predictor: Predictor, settings: GrpcSettings | None = None) -> None:
+        self.predictor = predictor
+        self.settings = settings or GrpcSettings.from_env()
+        self.port: int | None = None
+        self.health = health.aio.HealthServicer()
+        self._guard = RpcGuard(self.settings.max_concurrent)
+        self._server: grpc.aio.Server | None = None
+        self._readiness: asyncio.Task[None] | None = None
+        self._stopping: asyncio.Task[None] | None = None
+
+    def _build(self) -> grpc.aio.Server:
+        s = self.settings
+        options = [
+            ("grpc.so_reuseport", 1),
+            ("grpc.max_receive_message_length", s.max_message_bytes),
+            ("grpc.max_send_message_length", s.max_message_bytes),
+        ]
+        if s.max_connection_age_s > 0:
+            options += [("grpc.max_connection_age_ms", int(s.max_connection_age_s * 1000)),
+                        ("grpc.max_connection_age_grace_ms", int(s.shutdown_grace_s * 1000))]
+        server = grpc.aio.server(
+            interceptors=[self._guard], options=options,
+            maximum_concurrent_rpcs=s.max_concurrent + CONTROL_HEADROOM,
+        )
+        grpc_screening.pb_grpc.add_ScreeningServicer_to_server(grpc_screening.ScreeningServicer(self.predictor), server)
+        grpc_v2.pb_grpc.add_GRPCInferenceServiceServicer_to_server(grpc_v2.InferenceServicer(self.predictor), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        _register_in_pool(health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR)
+        names = (*SERVED_SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(names, server, pool=POOL)
+        return server
+
+    async def start(self) -> int:
+        """Bind and start serving; returns the bound port (useful with port 0). Health stays NOT_SERVING
+        until the predictor is ready, so probes and load balancers never route to a cold replica."""
+        for name in ("", *SERVED_SERVICES):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self._server = self._build()
+        address = f"{self.settings.host}:{self.settings.port}"
+        try:
+            self.port = self._server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise RuntimeError(f"cannot bind the gRPC port {address}: {exc}") from exc
+        await self._server.start()
+        self._readiness = asyncio.create_task(self._follow_readiness(), name="osteoscreen-grpc-readiness")
+        log.info("gRPC serving on %s (port %s)", address, self.port)
+        return self.port
+
+    async def _follow_readiness(self) -> None:
+        last = None
+        while True:
+            try:
+                ready = bool(self.predictor.is_ready())
+            except Exception:  # a broken readiness check means not ready, not a dead poller
+                log.exception("predictor.is_ready() failed")
+                ready = False
+            if ready != last:
+                status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+                for name in ("", *SERVED_SERVICES):
+                    await self.health.set(name, status)
+                last = ready
+            await asyncio.sleep(READINESS_POLL_S)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain and close; safe to call twice (the second call waits for the first)."""
+        if self._stopping is None:
+            grace = self.settings.shutdown_grace_s if grace is None else grace
+            self._stopping = asyncio.create_task(self._drain(grace))
+        await asyncio.shield(self._stopping)
+
+    async def _drain(self, grace: float) -> None:
+        deadline = time.monotonic() + grace
+        self._guard.draining = True
+        if self._readiness is not None:
+            self._readiness.cancel()
+        await self.health.enter_graceful_shutdown()
+        log.info("gRPC draining: %d prediction calls in flight, grace %.1fs", self._guard.inflight, grace)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._guard.idle.wait(), timeout=max(0.0, deadline - time.monotonic()))
+        if self._server is not None:
+            # What is left (health Watch streams, calls past the grace) is cancelled after a short moment.
+            await self._server.stop(max(0.5, deadline - time.monotonic()) if self._guard.inflight else 0.5)
+        log.info("gRPC stopped")
+
+    async def wait_for_termination(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()
