@@ -84,23 +84,35 @@ def candidate_features(spec: BackboneSpec) -> list[str]:
     return [f"{short}_{pool}" for short in spec.feature_layers for pool in POOLINGS]
 
 
-def extractor_from(reference: keras.Model, spec: BackboneSpec) -> keras.Model:
-    """One-channel extractor built on `reference`'s weights: (N, 224, 224, 1) 0..255 -> {name: (N, C)}."""
+def extractor_from(reference: keras.Model, spec: BackboneSpec, features: list[str] | None = None) -> keras.Model:
+    """One-channel extractor built on `reference`'s weights: (N, 224, 224, 1) 0..255 -> {name: (N, C)}.
+
+    `features` (default: every candidate) limits the outputs; the network is cut after the deepest
+    layer they need, so serving a block4 feature does not pay for block5.
+    """
+    wanted = features or candidate_features(spec)
+    unknown = sorted(set(wanted) - set(candidate_features(spec)))
+    if unknown:
+        raise ValueError(f"unknown features {unknown} for {spec.name}; choose from {candidate_features(spec)}")
+    layers = [short for short in spec.feature_layers if any(f.startswith(f"{short}_") for f in wanted)]
     trunk = fold_first_conv(reference, spec)
-    taps = keras.Model(trunk.inputs, [trunk.get_layer(layer).output for layer in spec.feature_layers.values()])
+    taps = keras.Model(trunk.inputs, [trunk.get_layer(spec.feature_layers[short]).output for short in layers])
     inputs = keras.Input((INPUT_SIZE, INPUT_SIZE, 1), name="gray")
     maps = taps(AppendOnes(name="append_ones")(inputs))
+    maps = maps if isinstance(maps, (list, tuple)) else [maps]
+    pools = {"avg": keras.layers.GlobalAveragePooling2D, "max": keras.layers.GlobalMaxPooling2D}
     outputs = {}
-    for short, fmap in zip(spec.feature_layers, maps):
-        outputs[f"{short}_avg"] = keras.layers.GlobalAveragePooling2D(name=f"{short}_avg")(fmap)
-        outputs[f"{short}_max"] = keras.layers.GlobalMaxPooling2D(name=f"{short}_max")(fmap)
+    for short, fmap in zip(layers, maps):
+        for pool, layer_cls in pools.items():
+            if f"{short}_{pool}" in wanted:
+                outputs[f"{short}_{pool}"] = layer_cls(name=f"{short}_{pool}")(fmap)
     return keras.Model(inputs, outputs, name=f"{spec.name}_gray_extractor")
 
 
-def build_extractor(backbone: str = "vgg16", weights: str | None = IMAGENET) -> keras.Model:
+def build_extractor(backbone: str = "vgg16", weights: str | None = IMAGENET, features: list[str] | None = None) -> keras.Model:
     """The extractor training and serving use. Raises WeightsError when ImageNet weights are not
     provisioned; `weights=None` opts into random ones (tests and ablations only)."""
-    return extractor_from(reference_model(backbone, weights), get_spec(backbone))
+    return extractor_from(reference_model(backbone, weights), get_spec(backbone), features)
 
 
 __all__ = ["AppendOnes", "IMAGENET", "build_extractor", "candidate_features", "extractor_from", "fold_first_conv", "reference_model"]

@@ -30,7 +30,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from osteoscreen.training import train
+    from training import train
 
     tag = train.run(
         Path(args.data),
@@ -39,13 +39,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
         random_weights=args.random_weights,
         seed=args.seed,
         register=not args.no_register,
+        augment_rounds=args.augment_rounds,
+        search_iterations=args.search_iterations,
     )
     print(tag)
     return 0
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from osteoscreen.training import compare
+    from training import compare
 
     table = compare.run(Path(args.data), reports=Path(args.reports), seed=args.seed)
     print(table)
@@ -94,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--random-weights", action="store_true",
                    help="use randomly initialised backbone weights (ablation only; never for screening)")
     p.add_argument("--no-register", action="store_true", help="evaluate only; do not touch the model store")
+    p.add_argument("--augment-rounds", type=int, default=2, help="augmented copies of each training image")
+    p.add_argument("--search-iterations", type=int, default=12, help="Random Forest settings tried by grouped CV")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("compare", help="every backbone + RF on the same split, as one markdown table")

@@ -30,3 +30,28 @@ def keras_home(tmp_path_factory) -> Path:
 def use_keras_home(keras_home, monkeypatch) -> Path:
     monkeypatch.setenv("KERAS_HOME", str(keras_home))
     return keras_home
+
+
+@pytest.fixture(scope="session")
+def registered_model(tmp_path_factory, keras_home) -> dict:
+    """`osteoscreen synth` + `osteoscreen train` on a few dozen phantom images, in a private model store.
+
+    Returns the environment (KERAS_HOME, BENTOML_HOME, cache) every later command must run with, plus
+    where the data, reports and the train command's output are.
+    """
+    root = tmp_path_factory.mktemp("model")
+    env = {**os.environ, "KERAS_HOME": str(keras_home), "BENTOML_HOME": str(root / "bentoml"),
+           "OSTEOSCREEN_CACHE": str(root / "cache")}
+    subprocess.run([str(BIN / "osteoscreen"), "synth", "--out", str(root / "data"), "--n", "48", "--seed", "3"],
+                   env=env, check=True, capture_output=True, timeout=300)
+    # one corrupt file in the training folder: it must be reported and left out, not guessed at
+    (root / "data" / "normal" / "zz_corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    with open(root / "data" / "manifest.csv", "a") as fh:
+        fh.write("normal/zz_corrupt.png,normal,pzz,0.0\n")
+    result = subprocess.run(
+        [str(BIN / "osteoscreen"), "train", "--data", str(root / "data"), "--reports", str(root / "reports"),
+         "--augment-rounds", "1", "--search-iterations", "2"],
+        env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return {"root": root, "env": env, "stdout": result.stdout, "stderr": result.stderr,
+            "tag": result.stdout.strip().splitlines()[-1]}

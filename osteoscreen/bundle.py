@@ -1,0 +1,113 @@
+"""The model bundle: grayscale extractor + calibrated Random Forest + operating threshold, as ONE
+BentoML model.
+
+One store entry (not a Keras model and a scikit-learn model registered apart) so that serving can
+never pair an extractor with a classifier trained on another extractor's features. Metadata records
+everything needed to trust and reproduce it: backbone, features, threshold, metrics, weights sha256,
+data set fingerprint, training parameters.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from osteoscreen.errors import ModelNotFoundError
+from osteoscreen.types import LABELS, Prediction
+
+MODEL_NAME = "osteoscreen"
+_EXTRACTOR_FILE = "extractor.keras"
+_CLASSIFIER_FILE = "classifier.joblib"
+_CARD_FILE = "model_card.json"
+
+
+@dataclass
+class ModelBundle:
+    extractor: Any  # keras.Model: (N, 224, 224, 1) intensities 0..255 -> {feature name: (N, C)}
+    classifier: Any  # scikit-learn estimator with predict_proba over the concatenated features
+    features: list[str]
+    threshold: float
+    backbone: str
+    name: str = MODEL_NAME
+    version: str = "unregistered"
+    metadata: dict = field(default_factory=dict)
+
+    def features_of(self, batch: np.ndarray) -> np.ndarray:
+        """(N, 224, 224, 1) -> (N, D): the feature sets the classifier was trained on, in order."""
+        out = self.extractor.predict_on_batch(np.asarray(batch, dtype=np.float32))
+        return np.concatenate([np.asarray(out[name], dtype=np.float32) for name in self.features], axis=1)
+
+    def probabilities(self, batch: np.ndarray) -> np.ndarray:
+        """Calibrated probability of osteoporosis for each image of the batch."""
+        return self.classifier.predict_proba(self.features_of(batch))[:, 1].astype(np.float32)
+
+    def predictions(self, batch: np.ndarray) -> list[Prediction]:
+        return [self.prediction(float(p)) for p in self.probabilities(batch)]
+
+    def prediction(self, probability: float) -> Prediction:
+        label = LABELS[1] if probability >= self.threshold else LABELS[0]
+        return Prediction(probability, label, self.threshold, self.name, self.version)
+
+    @property
+    def tag(self) -> str:
+        return f"{self.name}:{self.version}"
+
+
+def register(bundle: ModelBundle) -> str:
+    """Save the bundle as a new version in the BentoML model store and return its tag."""
+    import bentoml
+    import joblib
+
+    card = {"features": bundle.features, "threshold": bundle.threshold, "backbone": bundle.backbone, **bundle.metadata}
+    labels = {"backbone": bundle.backbone, "task": "osteoporosis-screening"}
+    with bentoml.models.create(bundle.name, labels=labels, metadata=_jsonable(card), module="osteoscreen.bundle") as model:
+        bundle.extractor.save(model.path_of(_EXTRACTOR_FILE))
+        joblib.dump(bundle.classifier, model.path_of(_CLASSIFIER_FILE))
+        Path(model.path_of(_CARD_FILE)).write_text(json.dumps(_jsonable(card), indent=2))
+    bundle.version = model.tag.version
+    return str(model.tag)
+
+
+def find_model(tag: str | None = None):
+    """The store entry for `tag` (default: the latest `osteoscreen` model), or None."""
+    import bentoml
+    from bentoml.exceptions import NotFound
+
+    try:
+        return bentoml.models.get(tag or f"{MODEL_NAME}:latest")
+    except (NotFound, ValueError):
+        return None
+
+
+def load(tag: str | None = None) -> ModelBundle:
+    """Load a registered bundle; raises ModelNotFoundError with a hint when none matches."""
+    import joblib
+    import keras
+
+    import osteoscreen.backbones  # noqa: F401 - registers the custom layer the extractor file names
+
+    model = find_model(tag)
+    if model is None:
+        raise ModelNotFoundError(
+            f"no registered model {tag or MODEL_NAME + ':latest'}; train one with `osteoscreen train --data DIR`"
+        )
+    card = json.loads(Path(model.path_of(_CARD_FILE)).read_text())
+    return ModelBundle(
+        extractor=keras.saving.load_model(model.path_of(_EXTRACTOR_FILE), compile=False),
+        classifier=joblib.load(model.path_of(_CLASSIFIER_FILE)),
+        features=list(card["features"]),
+        threshold=float(card["threshold"]),
+        backbone=card["backbone"],
+        name=model.tag.name,
+        version=model.tag.version,
+        metadata=card,
+    )
+
+
+def _jsonable(value: Any) -> Any:
+    """Metadata must survive YAML/JSON round trips in the store: numpy scalars become plain numbers."""
+    return json.loads(json.dumps(value, default=lambda o: o.item() if hasattr(o, "item") else str(o)))

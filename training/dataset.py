@@ -1,0 +1,133 @@
+"""A labelled folder of radiographs, and patient-grouped splits of it.
+
+Layout: `DIR/normal/*`, `DIR/osteoporosis/*`, optional `DIR/manifest.csv` (`path,label,patient_id`).
+With a manifest, all images of one patient land on the same side of every split, so the test score
+is not inflated by near-duplicate views of a patient the model has already seen.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import sys
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from sklearn.model_selection import StratifiedGroupKFold
+from tqdm import tqdm
+
+from osteoscreen.errors import DataError, ImageDecodeError
+from osteoscreen.imaging import load_image
+from osteoscreen.types import LABELS
+
+MIN_PER_CLASS = 5
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: Path
+    label: int  # index into LABELS
+    patient_id: str
+
+
+@dataclass
+class Split:
+    train: list[int]
+    val: list[int]
+    test: list[int]
+
+
+def load_folder(root: Path) -> list[Sample]:
+    """Samples of a data folder, from its manifest when there is one, else from the class subfolders."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root} is not a folder")
+    manifest = root / "manifest.csv"
+    samples = _from_manifest(root, manifest) if manifest.exists() else _from_subfolders(root)
+    counts = Counter(s.label for s in samples)
+    for index, name in enumerate(LABELS):
+        if counts[index] < MIN_PER_CLASS:
+            raise DataError(f"{root}: {counts[index]} '{name}' images; at least {MIN_PER_CLASS} per class are needed")
+    return samples
+
+
+def _from_manifest(root: Path, manifest: Path) -> list[Sample]:
+    samples, missing = [], []
+    with open(manifest, newline="") as fh:
+        reader = csv.DictReader(fh)
+        absent = {"path", "label"} - set(reader.fieldnames or [])
+        if absent:
+            raise DataError(f"{manifest} lacks column(s) {sorted(absent)}; expected path,label,patient_id")
+        for line, row in enumerate(reader, start=2):
+            if row["label"] not in LABELS:
+                raise DataError(f"{manifest}:{line}: label {row['label']!r} is not one of {LABELS}")
+            path = root / row["path"]
+            if not path.is_file():
+                missing.append(row["path"])
+                continue
+            samples.append(Sample(path, LABELS.index(row["label"]), row.get("patient_id") or row["path"]))
+    if missing:
+        raise DataError(f"{manifest} lists {len(missing)} missing file(s), e.g. {missing[:3]}")
+    return samples
+
+
+def _from_subfolders(root: Path) -> list[Sample]:
+    print(f"{root}: no manifest.csv, so every image counts as its own patient", file=sys.stderr)
+    samples = []
+    for index, name in enumerate(LABELS):
+        folder = root / name
+        if not folder.is_dir():
+            raise DataError(f"{root} has no '{name}' subfolder (expected {', '.join(LABELS)})")
+        for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
+            samples.append(Sample(path, index, str(path.relative_to(root))))
+    return samples
+
+
+def split(samples: list[Sample], seed: int = 0, val_fraction: float = 0.2, test_fraction: float = 0.2) -> Split:
+    """Stratified by label, grouped by patient: no patient appears in two parts."""
+    y = np.array([s.label for s in samples])
+    groups = np.array([s.patient_id for s in samples])
+    idx = np.arange(len(samples))
+    rest, test = _first_fold(idx, y, groups, round(1 / test_fraction), seed)
+    train, val = _first_fold(rest, y[rest], groups[rest], round((1 - test_fraction) / val_fraction), seed + 1)
+    return Split(train=sorted(train.tolist()), val=sorted(val.tolist()), test=sorted(test.tolist()))
+
+
+def _first_fold(idx: np.ndarray, y: np.ndarray, groups: np.ndarray, n_splits: int, seed: int):
+    if len(set(groups)) < n_splits:
+        raise DataError(f"only {len(set(groups))} patients: too few for a grouped {n_splits}-fold split")
+    folds = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    keep, held = next(folds.split(idx, y, groups))
+    return idx[keep], idx[held]
+
+
+def class_balance(samples: list[Sample], indices: list[int]) -> dict[str, int]:
+    counts = Counter(samples[i].label for i in indices)
+    return {name: counts[i] for i, name in enumerate(LABELS)}
+
+
+def read_images(samples: list[Sample]) -> tuple[list[np.ndarray | None], list[str], list[str]]:
+    """Decode every sample through the serving path: (model inputs, sha256 per file, problems).
+
+    A file that fails to decode is reported and left out (None), never guessed at.
+    """
+    images, hashes, problems = [], [], []
+    for sample in tqdm(samples, desc="reading images", unit="img"):
+        data = sample.path.read_bytes()
+        hashes.append(hashlib.sha256(data).hexdigest())
+        try:
+            images.append(load_image(data))
+        except ImageDecodeError as exc:
+            images.append(None)
+            problems.append(f"{sample.path}: {exc}")
+    return images, hashes, problems
+
+
+def fingerprint(hashes: list[str], samples: list[Sample]) -> str:
+    """Identifies the exact data set a model was trained on (file contents and labels, not names)."""
+    digest = hashlib.sha256()
+    for h, s in sorted(zip(hashes, (s.label for s in samples))):
+        digest.update(f"{h}:{s}\n".encode())
+    return digest.hexdigest()

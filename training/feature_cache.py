@@ -1,0 +1,55 @@
+"""Backbone features cached on disk by (image hash, backbone, weights), so that a second training run
+with another Random Forest setting, or `compare`, does not pay for the network again."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+
+def default_root() -> Path:
+    return Path(os.environ.get("OSTEOSCREEN_CACHE", Path.home() / ".cache" / "osteoscreen")) / "features"
+
+
+class FeatureCache:
+    def __init__(self, backbone: str, weights_id: str, root: Path | None = None):
+        self.dir = (root or default_root()) / f"{backbone}-{weights_id[:16]}"
+
+    def _path(self, key: str) -> Path:
+        return self.dir / key[:2] / f"{key}.npz"
+
+    def get(self, key: str) -> dict[str, np.ndarray] | None:
+        path = self._path(key)
+        if not path.exists():
+            return None
+        try:
+            with np.load(path) as data:
+                return {name: data[name] for name in data.files}
+        except (OSError, ValueError):  # a torn write from an interrupted run: recompute it
+            return None
+
+    def put(self, key: str, features: dict[str, np.ndarray]) -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
+        np.savez(tmp, **features)
+        os.replace(tmp, path)
+
+
+def extract(extractor, keys: list[str], make_input, cache: FeatureCache, batch_size: int = 16, desc: str = "features"):
+    """{feature name: (N, C)} for every key; `make_input(i)` builds input i only when it is not cached."""
+    rows: list[dict[str, np.ndarray] | None] = [cache.get(k) for k in keys]
+    todo = [i for i, row in enumerate(rows) if row is None]
+    with tqdm(total=len(todo), desc=f"{desc} ({len(keys) - len(todo)} cached)", unit="img") as bar:
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start:start + batch_size]
+            out = extractor.predict_on_batch(np.stack([make_input(i) for i in chunk]).astype(np.float32))
+            for j, i in enumerate(chunk):
+                rows[i] = {name: np.asarray(value[j], dtype=np.float32) for name, value in out.items()}
+                cache.put(keys[i], rows[i])
+            bar.update(len(chunk))
+    names = sorted(rows[0]) if rows else []
+    return {name: np.stack([row[name] for row in rows]) for name in names}

@@ -1,0 +1,143 @@
+"""`osteoscreen train`: data folder -> features -> fitted, calibrated, evaluated, registered model."""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from osteoscreen.specs import get_spec
+
+from training import dataset, evaluate, fit, report
+from training.augment import augment
+from training.feature_cache import FeatureCache, extract
+
+AUGMENT_ROUNDS = 2  # augmented copies of each training image
+
+
+@dataclass
+class LoadedData:
+    samples: list[dataset.Sample]
+    images: list[np.ndarray]
+    hashes: list[str]
+    skipped: list[str]
+
+
+@dataclass
+class Outcome:
+    metrics: dict
+    fitted: fit.FittedClassifier
+    reference: object  # the 3-channel keras model the extractor was folded from
+    p_test: np.ndarray
+    y_test: np.ndarray
+
+
+def load(data_dir: Path) -> LoadedData:
+    samples = dataset.load_folder(data_dir)
+    images, hashes, problems = dataset.read_images(samples)
+    for problem in problems:
+        print(f"skipped unreadable file {problem}", file=sys.stderr)
+    keep = [i for i, image in enumerate(images) if image is not None]
+    return LoadedData([samples[i] for i in keep], [images[i] for i in keep], [hashes[i] for i in keep], problems)
+
+
+def evaluate_backbone(data: LoadedData, split: dataset.Split, backbone: str, random_weights: bool = False,
+                      seed: int = 0, augment_rounds: int = AUGMENT_ROUNDS,
+                      search_iterations: int = fit.SEARCH_ITERATIONS) -> Outcome:
+    """The seed's method for one backbone on a fixed split. Raises WeightsError without ImageNet weights."""
+    import keras
+
+    from osteoscreen import backbones, weights
+
+    spec = get_spec(backbone)
+    if random_weights:
+        keras.utils.set_random_seed(seed)
+        weights_id, weights_sha = f"random-seed{seed}", "random"
+    else:
+        info = weights.provision(backbone)
+        weights_id = weights_sha = info.sha256
+    reference = backbones.reference_model(backbone, None if random_weights else backbones.IMAGENET)
+    extractor = backbones.extractor_from(reference, spec)
+    cache = FeatureCache(backbone, weights_id)
+
+    y = np.array([s.label for s in data.samples])
+    groups = np.array([s.patient_id for s in data.samples])
+    rows = list(split.train) + [i for r in range(augment_rounds) for i in split.train]
+    keys = [data.hashes[i] for i in split.train]
+    keys += [f"{data.hashes[i]}-aug{seed}-{r}" for r in range(augment_rounds) for i in split.train]
+
+    def train_input(k: int) -> np.ndarray:
+        i = rows[k]
+        if k < len(split.train):
+            return data.images[i]
+        return augment(data.images[i], seed, k // len(split.train) - 1, data.hashes[i])
+
+    train_feats = extract(extractor, keys, train_input, cache, desc=f"{backbone} train features")
+    val_feats = extract(extractor, [data.hashes[i] for i in split.val], lambda k: data.images[split.val[k]], cache,
+                        desc=f"{backbone} validation features")
+    test_feats = extract(extractor, [data.hashes[i] for i in split.test], lambda k: data.images[split.test[k]], cache,
+                         desc=f"{backbone} test features")
+
+    fitted = fit.fit(train_feats, y[rows], groups[rows], seed=seed, search_iterations=search_iterations)
+    p_val = fitted.model.predict_proba(fit.stack(val_feats, fitted.features))[:, 1]
+    threshold = fit.choose_threshold(y[split.val], p_val)
+    p_test = fitted.model.predict_proba(fit.stack(test_feats, fitted.features))[:, 1]
+    y_test = y[split.test]
+    metrics = {
+        "backbone": backbone,
+        "weights": "random" if random_weights else "imagenet",
+        "weights_sha256": weights_sha,
+        "features": fitted.features,
+        "n_train": len(split.train),
+        "n_augmented": len(rows) - len(split.train),
+        "n_val": len(split.val),
+        "n_test": len(split.test),
+        **evaluate.metrics_at(y_test, p_test, threshold),
+        "threshold": threshold,
+        "min_sensitivity": fit.DEFAULT_MIN_SENSITIVITY,
+        "ci95": evaluate.bootstrap_ci(y_test, p_test, threshold, groups[split.test], seed=seed),
+        "calibration": f"{fitted.model.method} (CalibratedClassifierCV, grouped folds)",
+        "cv_folds": len(fit._folds(y[rows], groups[rows], seed)),
+        "cv_auc": fitted.cv_auc,
+        "feature_scores": fitted.feature_scores,
+        "rf_params": fitted.params,
+        "class_balance": {part: dataset.class_balance(data.samples, getattr(split, part)) for part in ("train", "val", "test")},
+        "skipped": data.skipped,
+        "seed": seed,
+    }
+    return Outcome(metrics, fitted, reference, p_test, y_test)
+
+
+def run(data_dir: Path, backbone: str = "vgg16", reports: Path = Path("reports"), random_weights: bool = False,
+        seed: int = 0, register: bool = True, augment_rounds: int = AUGMENT_ROUNDS,
+        search_iterations: int = fit.SEARCH_ITERATIONS) -> str:
+    from osteoscreen import backbones, bundle
+
+    started = time.perf_counter()
+    data = load(data_dir)
+    split = dataset.split(data.samples, seed=seed)
+    for part in ("train", "val", "test"):
+        print(f"{part}: {dataset.class_balance(data.samples, getattr(split, part))}", file=sys.stderr)
+    outcome = evaluate_backbone(data, split, backbone, random_weights=random_weights, seed=seed,
+                                augment_rounds=augment_rounds, search_iterations=search_iterations)
+    metrics = outcome.metrics
+    metrics["data_fingerprint"] = dataset.fingerprint(data.hashes, data.samples)
+    metrics["train_seconds"] = round(time.perf_counter() - started, 1)
+    report.write(reports, metrics, outcome.y_test, outcome.p_test)
+    summary = ", ".join(f"{m} {metrics[m]:.3f} [{metrics['ci95'][m][0]:.3f}-{metrics['ci95'][m][1]:.3f}]"
+                        for m in evaluate.METRICS)
+    print(f"test: {summary}; threshold {metrics['threshold']:.3f}; reports in {reports}", file=sys.stderr)
+    if not register:
+        return f"not registered (--no-register); metrics in {reports / 'metrics.json'}"
+    if random_weights:
+        return f"not registered: random backbone weights are for ablations only; metrics in {reports / 'metrics.json'}"
+    served = backbones.extractor_from(outcome.reference, get_spec(backbone), outcome.fitted.features)
+    model = bundle.ModelBundle(served, outcome.fitted.model, outcome.fitted.features, metrics["threshold"], backbone,
+                               metadata={"metrics": metrics, "input_size": 224, "class_names": ["normal", "osteoporosis"],
+                                         "training": {"seed": seed, "augment_rounds": augment_rounds,
+                                                      "search_iterations": search_iterations,
+                                                      "data_dir": str(data_dir)}})
+    return bundle.register(model)
