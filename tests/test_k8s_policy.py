@@ -1,0 +1,526 @@
+"""Policy checks on the rendered manifests (no cluster): GPU scheduling, gRPC probes, resources, security,
+graceful shutdown, names and labels that must agree across objects, and every metric that the autoscaler,
+prometheus-adapter, alerts and dashboard use being one the service really exports.
+
+Known metrics: the `name="..."` strings of osteoscreen/metrics.py (read as text, not imported), BentoML's
+built-ins, kube_* (kube-state-metrics), DCGM_FI_* (NVIDIA DCGM exporter), container_* (cAdvisor), `up`, and
+the recording rules of k8s/monitoring/prometheusrule.yaml. Histograms add _bucket/_sum/_count.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from test_k8s import K8S, NAMESPACE, OVERLAYS, REPO, find, one, render
+
+GPU_OVERLAYS = ["overlays/gpu", "overlays/gpu-keda"]
+GRPC_PORT = 50051
+HTTP_PORT = 3000
+READINESS_SERVICE = "osteoscreen.v1.Screening"
+MODEL_LOAD_WORST_S = 120  # TensorFlow VGG16 on CPU, from the service's own measurements
+JOB = "osteoscreen"
+
+ADAPTER_VALUES = K8S / "autoscaling" / "prometheus-adapter" / "values.yaml"
+DASHBOARD = K8S / "monitoring" / "dashboards" / "osteoscreen.json"
+RULES = K8S / "monitoring" / "prometheusrule.yaml"
+METRICS_PY = REPO / "osteoscreen" / "metrics.py"
+
+
+def deployment(docs):
+    return one(docs, "Deployment", "osteoscreen")
+
+
+def pod_spec(docs):
+    return deployment(docs)["spec"]["template"]["spec"]
+
+
+def main_container(docs):
+    containers = pod_spec(docs)["containers"]
+    return next(c for c in containers if c["name"] == "osteoscreen")
+
+
+def all_containers(docs):
+    spec = pod_spec(docs)
+    return spec["containers"] + spec.get("initContainers", [])
+
+
+def config(docs):
+    return one(docs, "ConfigMap", "osteoscreen-config")["data"]
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    """Label-selector semantics for matchLabels (+ the simple matchExpressions operators)."""
+    if not selector:
+        return False
+    for key, value in (selector.get("matchLabels") or {}).items():
+        if labels.get(key) != value:
+            return False
+    for expr in selector.get("matchExpressions") or []:
+        op, key, values = expr["operator"], expr["key"], expr.get("values", [])
+        if op == "In" and labels.get(key) not in values:
+            return False
+        if op == "NotIn" and labels.get(key) in values:
+            return False
+        if op == "Exists" and key not in labels:
+            return False
+        if op == "DoesNotExist" and key in labels:
+            return False
+    return True
+
+
+_UNITS = {"m": 1e-3, "": 1, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12,
+          "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+
+
+def quantity(value) -> float:
+    match = re.fullmatch(r"([0-9.]+)(m|k|M|G|T|Ki|Mi|Gi|Ti)?", str(value))
+    assert match, f"unparsable quantity {value!r}"
+    return float(match.group(1)) * _UNITS[match.group(2) or ""]
+
+
+# ============================================================================ GPU scheduling
+@pytest.mark.parametrize("overlay", GPU_OVERLAYS)
+def test_gpu_overlay_requests_one_gpu_and_gpu_nodes(overlay):
+    docs = render(overlay)
+    resources = main_container(docs)["resources"]
+    assert str(resources["limits"].get("nvidia.com/gpu")) == "1", "nvidia.com/gpu: 1 must be in limits"
+    # Extended resources: a request, if given, must equal the limit; none is clearer.
+    assert str(resources.get("requests", {}).get("nvidia.com/gpu", "1")) == "1"
+    spec = pod_spec(docs)
+    tolerations = spec.get("tolerations", [])
+    assert any(t.get("key") == "nvidia.com/gpu" and t.get("effect") in (None, "NoSchedule") for t in tolerations)
+    placement = json.dumps({"nodeSelector": spec.get("nodeSelector"), "affinity": spec.get("affinity")})
+    assert "nvidia.com/gpu" in placement, "GPU pods must be pinned to GPU nodes (nodeSelector or nodeAffinity)"
+    image = main_container(docs)["image"]
+    assert "gpu" in image.split(":")[-1], f"GPU overlay should run the CUDA image, got {image}"
+
+
+def test_cpu_overlay_has_no_gpu():
+    docs = render("overlays/cpu")
+    assert "nvidia.com/gpu" not in json.dumps(deployment(docs))
+    assert "gpu" not in main_container(docs)["image"].split(":")[-1]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_image_is_pinned_and_from_a_registry(overlay):
+    image = main_container(render(overlay))["image"]
+    name, _, tag = image.rpartition(":")
+    assert "/" in name and tag and tag != "latest", f"image {image!r}: registry/name:version expected"
+
+
+# ============================================================================ probes
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_probes_are_grpc_health_checks_on_the_grpc_port(overlay):
+    docs = render(overlay)
+    container = main_container(docs)
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"http": HTTP_PORT, "grpc": GRPC_PORT}
+    assert config(docs)["OSTEOSCREEN_GRPC_PORT"] == str(GRPC_PORT)
+    for kind in ("startupProbe", "livenessProbe", "readinessProbe"):
+        probe = container.get(kind)
+        assert probe, f"{kind} missing"
+        assert set(probe) & {"httpGet", "tcpSocket", "exec"} == set(), f"{kind} must be a native gRPC probe"
+        assert type(probe["grpc"]["port"]) is int and probe["grpc"]["port"] == GRPC_PORT, f"{kind}: numeric 50051"
+    assert container["readinessProbe"]["grpc"]["service"] == READINESS_SERVICE
+    assert container["livenessProbe"]["grpc"].get("service", "") == ""
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_probe_timing_fits_model_loading(overlay):
+    container = main_container(render(overlay))
+    startup = container["startupProbe"]
+    budget = startup.get("initialDelaySeconds", 0) + startup["periodSeconds"] * startup["failureThreshold"]
+    assert budget >= 2 * MODEL_LOAD_WORST_S, f"startup probe allows only {budget} s for a ~{MODEL_LOAD_WORST_S} s load"
+    liveness = container["livenessProbe"]
+    assert liveness["periodSeconds"] * liveness["failureThreshold"] >= 30, "liveness must not kill a busy pod fast"
+    assert liveness["timeoutSeconds"] >= 2 and container["readinessProbe"]["timeoutSeconds"] >= 1
+
+
+# ============================================================================ resources and security
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_container_has_requests_and_limits(overlay):
+    for container in all_containers(render(overlay)):
+        resources = container.get("resources", {})
+        for resource in ("cpu", "memory"):
+            request = resources.get("requests", {}).get(resource)
+            limit = resources.get("limits", {}).get(resource)
+            assert request and limit, f"{container['name']}: {resource} request and limit required"
+            assert quantity(limit) >= quantity(request), f"{container['name']}: {resource} limit < request"
+        # VGG16 in TensorFlow holds ~2 GB per process.
+        assert quantity(resources["requests"]["memory"]) >= 3 * 2**30
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_pod_security_settings(overlay):
+    docs = render(overlay)
+    spec = pod_spec(docs)
+    pod_sc = spec["securityContext"]
+    assert pod_sc["runAsNonRoot"] is True and pod_sc.get("runAsUser", 1) != 0
+    assert pod_sc["seccompProfile"]["type"] == "RuntimeDefault"
+    assert spec["automountServiceAccountToken"] is False
+    assert spec["enableServiceLinks"] is False, "service links would inject OSTEOSCREEN_*_PORT variables"
+    assert not spec.get("hostNetwork") and not spec.get("hostPID") and not spec.get("hostIPC")
+    account = one(docs, "ServiceAccount", spec["serviceAccountName"])
+    assert account["automountServiceAccountToken"] is False
+    for container in all_containers(docs):
+        sc = container["securityContext"]
+        assert sc["allowPrivilegeEscalation"] is False
+        assert sc["readOnlyRootFilesystem"] is True
+        assert sc.get("privileged", False) is False
+        assert "ALL" in sc["capabilities"]["drop"] and not sc["capabilities"].get("add")
+    # Writable paths: emptyDir volumes with a size limit, nothing from the host.
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    for volume in volumes.values():
+        assert "hostPath" not in volume
+    for container in all_containers(docs):
+        for mount in container.get("volumeMounts", []):
+            volume = volumes[mount["name"]]
+            if not mount.get("readOnly"):
+                assert "emptyDir" in volume and volume["emptyDir"].get("sizeLimit"), mount
+    mounted = {m["mountPath"] for m in main_container(docs)["volumeMounts"]}
+    assert "/tmp" in mounted and config(docs)["BENTOML_HOME"] in mounted
+
+
+def test_namespace_enforces_restricted_pod_security():
+    ns = one(render("overlays/gpu"), "Namespace", NAMESPACE)
+    assert ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_graceful_shutdown_fits_the_grace_period(overlay):
+    docs = render(overlay)
+    spec = pod_spec(docs)
+    pre_stop = main_container(docs)["lifecycle"]["preStop"]
+    sleep_s = pre_stop["sleep"]["seconds"] if "sleep" in pre_stop else int(pre_stop["exec"]["command"][-1])
+    drain_s = int(config(docs)["OSTEOSCREEN_SHUTDOWN_GRACE_S"])
+    assert sleep_s >= 5, "endpoint removal needs a few seconds to propagate"
+    assert spec["terminationGracePeriodSeconds"] >= sleep_s + drain_s + 5
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_configmap_carries_the_service_settings(overlay):
+    data = config(render(overlay))
+    for key in ("OSTEOSCREEN_GRPC_PORT", "OSTEOSCREEN_GRPC_MAX_MESSAGE_BYTES", "OSTEOSCREEN_GRPC_MAX_CONCURRENT",
+                "OSTEOSCREEN_SHUTDOWN_GRACE_S", "OSTEOSCREEN_MAX_BYTES", "OSTEOSCREEN_MAX_PIXELS"):
+        assert data[key].isdigit(), key
+    assert int(data["OSTEOSCREEN_GRPC_MAX_MESSAGE_BYTES"]) == 64 * 2**20
+    # The model is chosen by the image, never overridden by a ConfigMap.
+    assert "OSTEOSCREEN_MODEL_TAG" not in data
+    env_from = main_container(render(overlay))["envFrom"]
+    assert {"configMapRef": {"name": "osteoscreen-config"}} in env_from
+
+
+# ============================================================================ names and labels
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_services_select_the_pods_and_name_real_ports(overlay):
+    docs = render(overlay)
+    pod_labels = deployment(docs)["spec"]["template"]["metadata"]["labels"]
+    assert selects(deployment(docs)["spec"]["selector"], pod_labels)
+    container_ports = {p["name"] for p in main_container(docs)["ports"]}
+    services = find(docs, "Service")
+    for service in services:
+        assert selects({"matchLabels": service["spec"]["selector"]}, pod_labels), service["metadata"]["name"]
+        for port in service["spec"]["ports"]:
+            assert port["targetPort"] in container_ports
+            assert port.get("appProtocol"), f"{service['metadata']['name']}:{port['name']} needs appProtocol"
+            if port["name"] == "grpc":
+                assert port["port"] == GRPC_PORT and port["appProtocol"] in ("kubernetes.io/h2c", "grpc")
+    headless = [s for s in services if s["spec"].get("clusterIP") == "None"]
+    assert len(headless) == 1, "a headless Service for client-side gRPC round robin"
+    assert [p["name"] for p in headless[0]["spec"]["ports"]] == ["grpc"]
+    assert headless[0]["spec"].get("publishNotReadyAddresses", False) is False
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_servicemonitor_scrapes_exactly_the_main_service(overlay):
+    docs = render(overlay)
+    monitor = one(docs, "ServiceMonitor")
+    matched = [s for s in find(docs, "Service") if selects(monitor["spec"]["selector"], s["metadata"]["labels"])]
+    assert [s["metadata"]["name"] for s in matched] == ["osteoscreen"], "one Service, so one target per pod"
+    service = matched[0]
+    service_ports = {p["name"]: p for p in service["spec"]["ports"]}
+    for endpoint in monitor["spec"]["endpoints"]:
+        assert endpoint["port"] in service_ports
+        assert service_ports[endpoint["port"]]["port"] == HTTP_PORT and endpoint.get("path", "/metrics") == "/metrics"
+    assert "namespaceSelector" not in monitor["spec"] or monitor["spec"]["namespaceSelector"] == {
+        "matchNames": [NAMESPACE]}
+    # job="osteoscreen" in every rule and panel comes from this label of the Service.
+    assert service["metadata"]["labels"][monitor["spec"]["jobLabel"]] == JOB
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_one_autoscaler_targets_the_deployment(overlay):
+    docs = render(overlay)
+    hpas, scaled = find(docs, "HorizontalPodAutoscaler"), find(docs, "ScaledObject")
+    assert len(hpas) + len(scaled) == 1, "exactly one autoscaler per overlay"
+    target = (hpas or scaled)[0]["spec"]["scaleTargetRef"]
+    assert (target.get("apiVersion", "apps/v1"), target.get("kind", "Deployment"), target["name"]) == (
+        "apps/v1", "Deployment", deployment(docs)["metadata"]["name"])
+    # The autoscaler owns the replica count: a `replicas:` in the Deployment would reset it on every apply.
+    assert "replicas" not in deployment(docs)["spec"]
+    if hpas:
+        spec = hpas[0]["spec"]
+        assert hpas[0]["metadata"]["name"] == "osteoscreen"  # the alerts and dashboard look it up by this name
+        low, high = spec["minReplicas"], spec["maxReplicas"]
+        assert spec["behavior"]["scaleDown"]["stabilizationWindowSeconds"] >= 300
+    else:
+        spec = scaled[0]["spec"]
+        assert spec["advanced"]["horizontalPodAutoscalerConfig"]["name"] == "osteoscreen"
+        low, high = spec["minReplicaCount"], spec["maxReplicaCount"]
+        hpa_behavior = spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
+        assert hpa_behavior["scaleDown"]["stabilizationWindowSeconds"] >= 300
+        assert spec["fallback"]["replicas"] >= low
+    assert 2 <= low < high, "at least 2 replicas (survives a drain, see the PodDisruptionBudget)"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_hpa_scales_on_queue_pressure_with_a_utilisation_fallback(overlay):
+    docs = render(overlay)
+    for hpa in find(docs, "HorizontalPodAutoscaler"):
+        metrics = hpa["spec"]["metrics"]
+        pods = [m["pods"] for m in metrics if m["type"] == "Pods"]
+        assert pods and pods[0]["metric"]["name"] == "osteoscreen_inflight_requests"
+        assert pods[0]["target"]["type"] == "AverageValue"
+        target = quantity(pods[0]["target"]["averageValue"])
+        assert 0 < target < int(config(docs)["OSTEOSCREEN_GRPC_MAX_CONCURRENT"]) / 4
+        assert any(m["type"] == "Resource" and m["resource"]["name"] == "cpu" for m in metrics)
+        if overlay in GPU_OVERLAYS:
+            assert any(p["metric"]["name"] == "osteoscreen_gpu_utilization" for p in pods)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_pdb_and_networkpolicy_cover_the_pods(overlay):
+    docs = render(overlay)
+    pod_labels = deployment(docs)["spec"]["template"]["metadata"]["labels"]
+    pdb = one(docs, "PodDisruptionBudget")
+    assert selects(pdb["spec"]["selector"], pod_labels)
+    assert pdb["spec"].get("maxUnavailable") == 1 or pdb["spec"].get("minAvailable") == 1
+    policy = one(docs, "NetworkPolicy")
+    assert selects(policy["spec"]["podSelector"], pod_labels)
+    assert "Ingress" in policy["spec"]["policyTypes"]
+    port_names = {p["name"] for p in main_container(docs)["ports"]}
+    sources = []
+    for rule in policy["spec"]["ingress"]:
+        assert rule.get("from"), "an ingress rule without `from` admits everyone"
+        for port in rule["ports"]:
+            assert port["port"] in port_names or port["port"] in (GRPC_PORT, HTTP_PORT)
+        for peer in rule["from"]:
+            assert "ipBlock" not in peer
+            sources.append(peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"])
+    assert len(sources) == 2 and "monitoring" in sources, "only the platform's namespace and Prometheus"
+
+
+def test_gateway_route_points_at_the_grpc_port():
+    route = one(render("gateway"), "GRPCRoute")
+    service = one(render("overlays/gpu"), "Service", "osteoscreen")
+    grpc_port = next(p for p in service["spec"]["ports"] if p["name"] == "grpc")
+    for rule in route["spec"]["rules"]:
+        for ref in rule["backendRefs"]:
+            assert (ref["name"], ref["port"]) == ("osteoscreen", grpc_port["port"])
+    services = {m["method"]["service"] for r in route["spec"]["rules"] for m in r["matches"]}
+    assert {"osteoscreen.v1.Screening", "inference.GRPCInferenceService"} <= services
+
+
+# ============================================================================ metric names
+def exported_metrics() -> dict[str, str]:
+    """name -> type, from the text of osteoscreen/metrics.py (Counter/Gauge/Histogram(name="..."))."""
+    text = METRICS_PY.read_text()
+    found = dict((name, kind) for kind, name in re.findall(
+        r"\.(Counter|Gauge|Histogram|Summary)\(\s*name=\"([a-zA-Z_:][a-zA-Z0-9_:]*)\"", text))
+    assert len(found) >= 9 and len(found) == len(re.findall(r'\bname="', text)), "parse of metrics.py"
+    return found
+
+
+BENTOML_BUILTINS = {
+    "bentoml_service_request_total": "Counter",
+    "bentoml_service_request_duration_seconds": "Histogram",
+    "bentoml_service_request_in_progress": "Gauge",
+    "bentoml_service_adaptive_batch_size": "Histogram",
+}
+STANDARD_PREFIXES = ("kube_", "DCGM_FI_", "container_")
+
+
+def recording_rules() -> set[str]:
+    doc = yaml.safe_load(RULES.read_text())
+    return {r["record"] for g in doc["spec"]["groups"] for r in g["rules"] if "record" in r}
+
+
+def known_series() -> set[str]:
+    names = {"up"} | recording_rules()
+    for name, kind in {**exported_metrics(), **BENTOML_BUILTINS}.items():
+        names.add(name)
+        if kind in ("Histogram", "Summary"):
+            names |= {f"{name}_sum", f"{name}_count"} | ({f"{name}_bucket"} if kind == "Histogram" else set())
+    return names
+
+
+_PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "and", "or", "unless", "bool",
+                 "offset", "inf", "nan"}
+
+
+def promql_metrics(expr: str) -> set[str]:
+    """Metric names in a PromQL expression (also prometheus-adapter templates and Grafana variables)."""
+    text = re.sub(r"<<[^>]*>>", " ", expr)                              # adapter templates
+    text = re.sub(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`', " ", text)  # strings
+    text = re.sub(r"\{[^}]*\}", " ", text)                              # label matchers
+    text = re.sub(r"\[[^\]]*\]", " ", text)                             # ranges, subqueries
+    text = re.sub(r"\$\{?\w+\}?", " ", text)                            # Grafana variables
+    text = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", text)
+    names = set()
+    for match in re.finditer(r"(?<![\w.:])([a-zA-Z_:][a-zA-Z0-9_:]*)(\s*\()?", text):
+        word, is_call = match.group(1), match.group(2)
+        if is_call or word.lower() in _PROMQL_WORDS:
+            continue
+        names.add(word)
+    return names
+
+
+def unknown_metrics(exprs: list[str]) -> set[str]:
+    known = known_series()
+    unknown = set()
+    for expr in exprs:
+        for name in promql_metrics(expr):
+            if name not in known and not name.startswith(STANDARD_PREFIXES):
+                unknown.add(name)
+    return unknown
+
+
+def test_metric_name_parser_finds_what_it_should():
+    expr = ('sum by (namespace, le) (rate(osteoscreen_made_up_bucket{job="x", le=~"1|2"}[5m])) / on (namespace) '
+            'group_left (pod) max(kube_pod_info) > bool 0.5 or vector(1) and osteoscreen:requests:rate5m')
+    assert promql_metrics(expr) == {"osteoscreen_made_up_bucket", "kube_pod_info", "osteoscreen:requests:rate5m"}
+    assert unknown_metrics([expr]) == {"osteoscreen_made_up_bucket"}
+    assert "osteoscreen_inflight_requests" in exported_metrics()
+    assert "osteoscreen_request_duration_seconds_bucket" in known_series()
+
+
+def adapter_rules() -> list[dict]:
+    return yaml.safe_load(ADAPTER_VALUES.read_text())["rules"]["custom"]
+
+
+def test_prometheus_adapter_rules_use_exported_metrics():
+    rules = adapter_rules()
+    assert rules
+    for rule in rules:
+        assert set(rule) >= {"seriesQuery", "resources", "name", "metricsQuery"}
+        overrides = rule["resources"]["overrides"]
+        assert overrides["namespace"] == {"resource": "namespace"} and overrides["pod"] == {"resource": "pod"}
+        assert "<<.Series>>" in rule["metricsQuery"] or "<<.LabelMatchers>>" in rule["metricsQuery"]
+        assert "<<.GroupBy>>" in rule["metricsQuery"]
+        assert re.match(rule["name"]["matches"], promql_metrics(rule["seriesQuery"]).pop())
+    assert not unknown_metrics([r["seriesQuery"] for r in rules] + [r["metricsQuery"] for r in rules])
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_autoscaler_metrics_exist(overlay):
+    docs = render(overlay)
+    served = {rule["name"]["as"] for rule in adapter_rules()}
+    for hpa in find(docs, "HorizontalPodAutoscaler"):
+        for metric in hpa["spec"]["metrics"]:
+            if metric["type"] in ("Pods", "Object", "External"):
+                name = metric[metric["type"].lower()]["metric"]["name"]
+                assert name in served, f"HPA metric {name} is served by no prometheus-adapter rule"
+    queries = []
+    for scaled in find(docs, "ScaledObject"):
+        for trigger in scaled["spec"]["triggers"]:
+            if trigger["type"] == "prometheus":
+                query = trigger["metadata"]["query"]
+                assert f'namespace="{NAMESPACE}"' in query, "the query must be scoped to the overlay's namespace"
+                assert float(trigger["metadata"]["threshold"]) > 0
+                queries.append(query)
+    assert not unknown_metrics(queries)
+
+
+def test_alerts_use_exported_metrics_and_carry_a_runbook():
+    doc = yaml.safe_load(RULES.read_text())
+    rules = [r for g in doc["spec"]["groups"] for r in g["rules"]]
+    assert not unknown_metrics([r["expr"] for r in rules])
+    alerts = {r["alert"]: r for r in rules if "alert" in r}
+    for required in ("OsteoscreenHighErrorRatio", "OsteoscreenLatencyP95OverSLO", "OsteoscreenNoReadyReplicas",
+                     "OsteoscreenQueueSaturated", "OsteoscreenPredictionMixDrift", "OsteoscreenProbabilityDrift"):
+        assert required in alerts
+    for name, alert in alerts.items():
+        annotations = alert["annotations"]
+        assert annotations.get("summary") and annotations.get("description"), name
+        assert annotations.get("runbook") and "\n" not in annotations["runbook"].strip(), f"{name}: one-line runbook"
+        assert alert["labels"]["severity"] in ("critical", "warning"), name
+        assert alert.get("for"), f"{name}: a `for` so that one bad scrape does not page"
+    # Every recording rule follows level:metric:operations and is used somewhere.
+    used = " ".join([r["expr"] for r in rules] + dashboard_exprs())
+    for record in recording_rules():
+        assert re.fullmatch(r"[a-z_]+:[a-z0-9_]+:[a-z0-9_]+", record), record
+        assert used.count(record) >= 1, f"recording rule {record} is used nowhere"
+
+
+def test_alerts_have_a_runbook_section_in_the_deploy_docs():
+    text = (REPO / "docs" / "deploy.md").read_text()
+    doc = yaml.safe_load(RULES.read_text())
+    for group in doc["spec"]["groups"]:
+        for rule in group["rules"]:
+            if "alert" in rule:
+                assert re.search(rf"^#+ {rule['alert']}$", text, re.M), f"docs/deploy.md: no runbook for {rule['alert']}"
+
+
+# ============================================================================ dashboard
+def dashboard() -> dict:
+    return json.loads(DASHBOARD.read_text())
+
+
+def dashboard_exprs() -> list[str]:
+    exprs = []
+    for panel in dashboard()["panels"]:
+        exprs += [t["expr"] for t in panel.get("targets", [])]
+    for var in dashboard()["templating"]["list"]:
+        if var["type"] == "query":
+            query = var["query"]["query"] if isinstance(var["query"], dict) else var["query"]
+            exprs.append(re.sub(r"^label_values\((.*),\s*\w+\)$", r"\1", query))
+    return exprs
+
+
+def test_dashboard_uses_exported_metrics():
+    assert not unknown_metrics(dashboard_exprs())
+
+
+def test_dashboard_shows_what_operators_need():
+    board = dashboard()
+    assert board["uid"] and board["title"]
+    ids = [p["id"] for p in board["panels"]]
+    assert len(ids) == len(set(ids))
+    names = set().union(*(promql_metrics(e) for e in dashboard_exprs()))
+    text = " ".join(dashboard_exprs())
+    required = {
+        "traffic by protocol": "osteoscreen:requests:rate5m",
+        "error ratio": "osteoscreen:error_ratio:rate5m",
+        "latency": "osteoscreen_request_duration_seconds_bucket",
+        "queue time": "osteoscreen_queue_wait_seconds_bucket",
+        "batch size": "osteoscreen_batch_size_bucket",
+        "replicas": "kube_deployment_status_replicas_available",
+        "prediction mix": "osteoscreen_predictions_total",
+        "probability distribution": "osteoscreen_prediction_probability_bucket",
+        "GPU utilisation": "DCGM_FI_DEV_GPU_UTIL",
+        "GPU memory": "DCGM_FI_DEV_FB_USED",
+        "memory": "container_memory_working_set_bytes",
+        "autoscaling signal": "osteoscreen_inflight_requests",
+    }
+    missing = [what for what, metric in required.items() if metric not in names]
+    assert not missing, f"dashboard lacks: {missing}"
+    for q in ("0.50", "0.95", "0.99"):
+        assert f"histogram_quantile({q}, sum by (le) (rate(osteoscreen_request_duration_seconds_bucket" in text
+    for panel in board["panels"]:
+        if panel["type"] != "row":
+            assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
+            assert panel.get("targets"), panel["title"]
+            assert all('namespace="$namespace"' in t["expr"] for t in panel["targets"]), panel["title"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_dashboard_configmap_is_the_plain_file_for_grafanas_sidecar(overlay):
+    docs = render(overlay)
+    maps = [d for d in find(docs, "ConfigMap") if d["metadata"].get("labels", {}).get("grafana_dashboard") == "1"]
+    assert len(maps) == 1
+    assert maps[0]["data"] == {"osteoscreen.json": DASHBOARD.read_text()}
