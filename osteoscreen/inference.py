@@ -1,0 +1,102 @@
+"""The one inference path behind HTTP and both gRPC APIs.
+
+bytes -> decoded, validated 224x224 tensor (here, on the front workers' threads) -> the model
+service's batched `infer` (extractor + calibrated RF, where requests from every protocol are batched
+together) -> Prediction. Admission is bounded: when more images wait than `max_queue`, callers get
+OverloadedError at once instead of joining a queue they would time out in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from osteoscreen import metrics
+from osteoscreen.errors import ImageDecodeError, OverloadedError
+from osteoscreen.imaging import load_image
+from osteoscreen.types import LABELS, Prediction
+
+# infer(batch (N, 224, 224, 1) float32) -> (N, 2): [probability, seconds the model spent on the batch]
+InferFn = Callable[[np.ndarray], Awaitable[np.ndarray]]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    version: str
+    backbone: str
+    threshold: float
+
+
+class InferencePath:
+    """Implements `types.Predictor` over a (remote, batched) model call."""
+
+    def __init__(self, infer: InferFn, max_queue: int | None = None):
+        self._infer = infer
+        self._info: ModelInfo | None = None
+        self.max_queue = max_queue or int(os.environ.get("OSTEOSCREEN_MAX_QUEUE", "64"))
+        self.queued = 0  # images admitted and not yet answered, in this worker
+
+    def set_model(self, info: ModelInfo) -> None:
+        self._info = info
+        metrics.MODEL_INFO.labels(name=info.name, version=info.version, backbone=info.backbone).set(1)
+
+    def is_ready(self) -> bool:
+        return self._info is not None
+
+    @property
+    def model_name(self) -> str:
+        return self._info.name if self._info else ""
+
+    @property
+    def model_version(self) -> str:
+        return self._info.version if self._info else ""
+
+    @property
+    def backbone(self) -> str:
+        return self._info.backbone if self._info else ""
+
+    async def predict(self, images: Sequence[bytes], format_hints: Sequence[str | None] | None = None,
+                      timeout: float | None = None) -> list[Prediction]:
+        info = self._info
+        if info is None:
+            raise OverloadedError("the model is still loading; retry shortly")
+        if not images:
+            raise ImageDecodeError("the request holds no image")
+        hints = list(format_hints) if format_hints is not None else [None] * len(images)
+        if len(hints) != len(images):
+            raise ImageDecodeError(f"{len(hints)} format hints for {len(images)} images")
+        if self.queued + len(images) > self.max_queue:
+            raise OverloadedError(f"server busy: {self.queued} images queued (limit {self.max_queue}); retry later")
+        self.queued += len(images)
+        try:
+            async with asyncio.timeout(timeout):
+                batch = await self._decode(images, hints)
+                sent = time.perf_counter()
+                out = np.asarray(await self._infer(batch))
+                compute = float(out[0, 1]) if len(out) else 0.0
+                metrics.QUEUE_WAIT.observe(max(0.0, time.perf_counter() - sent - compute))
+        finally:
+            self.queued -= len(images)
+        predictions = []
+        for probability in out[:, 0].tolist():
+            label = LABELS[1] if probability >= info.threshold else LABELS[0]
+            metrics.PREDICTIONS.labels(label=label).inc()
+            metrics.PROBABILITY.observe(probability)
+            predictions.append(Prediction(probability, label, info.threshold, info.name, info.version))
+        return predictions
+
+    @staticmethod
+    async def _decode(images: Sequence[bytes], hints: list[str | None]) -> np.ndarray:
+        async def one(index: int) -> np.ndarray:
+            try:
+                return await asyncio.to_thread(load_image, images[index], hints[index])
+            except ImageDecodeError as exc:
+                raise ImageDecodeError(f"image {index}: {exc}" if len(images) > 1 else str(exc)) from None
+
+        return np.stack(await asyncio.gather(*(one(i) for i in range(len(images)))))

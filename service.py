@@ -1,0 +1,102 @@
+"""OsteoScreen's bento: two BentoML services, one inference path.
+
+- `Model` holds the registered bundle (grayscale extractor + calibrated Random Forest) and exposes one
+  batchable API, so BentoML's adaptive batching merges concurrent requests from every protocol.
+  It is the only process that imports TensorFlow; give it the GPU.
+- `Screening` (the entry point, `bentoml serve service:Screening`) decodes and validates images on CPU
+  workers and answers HTTP `POST /predict` (port 3000) and gRPC (port 50051: osteoscreen.v1.Screening,
+  the Open Inference Protocol v2, health, reflection). gRPC runs in a `grpc.aio` server started from
+  an on-startup hook, because BentoML 1.4 no longer serves gRPC for `@bentoml.service` classes.
+
+Settings are environment variables (see README): OSTEOSCREEN_MODEL_TAG, OSTEOSCREEN_GRPC_PORT,
+OSTEOSCREEN_MAX_QUEUE, OSTEOSCREEN_MAX_BATCH, OSTEOSCREEN_GPU, OSTEOSCREEN_FRONT_WORKERS, and the
+limits of `osteoscreen.imaging` and `osteoscreen.grpc_server`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+
+import bentoml
+import numpy as np
+
+from osteoscreen import http_api, metrics
+from osteoscreen.inference import InferencePath, ModelInfo
+
+log = logging.getLogger("osteoscreen.service")
+
+MODEL_TAG = os.environ.get("OSTEOSCREEN_MODEL_TAG", "osteoscreen:latest")
+MAX_BATCH = int(os.environ.get("OSTEOSCREEN_MAX_BATCH", "32"))
+_model_resources = {"gpu": 1} if os.environ.get("OSTEOSCREEN_GPU") == "1" else {"cpu": "1"}
+
+
+@bentoml.service(name="osteoscreen-model", workers=1, resources=_model_resources, traffic={"timeout": 120})
+class Model:
+    bento_model = bentoml.models.BentoModel(MODEL_TAG)
+
+    def __init__(self) -> None:
+        from osteoscreen import bundle
+
+        self.bundle = bundle.load(str(self.bento_model.tag))
+        self.bundle.probabilities(np.zeros((1, 224, 224, 1), np.float32))  # warm-up: trace before traffic
+
+    @bentoml.api(batchable=True, batch_dim=0, max_batch_size=MAX_BATCH, max_latency_ms=60_000)
+    def infer(self, images: np.ndarray) -> np.ndarray:
+        """(N, 224, 224, 1) float32 -> (N, 2): probability, and the batch's compute seconds (for queue time)."""
+        started = time.perf_counter()
+        probabilities = self.bundle.probabilities(images)
+        metrics.BATCH_SIZE.observe(len(images))
+        return np.stack([probabilities, np.full_like(probabilities, time.perf_counter() - started)], axis=1)
+
+    @bentoml.api
+    def info(self) -> dict:
+        b = self.bundle
+        return {"name": b.name, "version": b.version, "backbone": b.backbone, "threshold": b.threshold}
+
+
+http_app = http_api.create_app()
+
+
+@bentoml.asgi_app(http_app, path="/")
+@bentoml.service(
+    name="osteoscreen",
+    workers=int(os.environ.get("OSTEOSCREEN_FRONT_WORKERS", "1")),
+    traffic={"timeout": 120},
+    http={"port": 3000},
+)
+class Screening:
+    model = bentoml.depends(Model)
+
+    def __init__(self) -> None:
+        self.path = InferencePath(lambda batch: self.model.to_async.infer(batch))
+        http_app.state.predictor = self.path
+        self.grpc = None
+
+    @bentoml.on_startup
+    async def start_grpc(self) -> None:
+        from osteoscreen.grpc_server import GrpcServer
+
+        self.grpc = GrpcServer(self.path)
+        await self.grpc.start()
+        asyncio.get_running_loop().create_task(self._await_model())
+
+    async def _await_model(self) -> None:
+        """Ready only once the model service answers: probes must not route traffic to a cold replica."""
+        while not self.path.is_ready():
+            try:
+                self.path.set_model(ModelInfo(**await self.model.to_async.info()))
+                log.info("model %s:%s ready", self.path.model_name, self.path.model_version)
+            except Exception as exc:  # noqa: BLE001 - the model service is still loading
+                log.debug("model not ready yet: %s", exc)
+                await asyncio.sleep(1.0)
+
+    @bentoml.on_shutdown
+    async def stop_grpc(self) -> None:
+        if self.grpc is not None:
+            await self.grpc.stop()
+
+    async def __is_ready__(self) -> bool:
+        return self.path.is_ready() and self.grpc is not None and self.grpc.port is not None
