@@ -9,6 +9,7 @@ N ?= 400
 SEED ?= 0
 BACKBONE ?= vgg16
 export OSTEOSCREEN_GRPC_PORT ?= 50051
+export BENTOML_DO_NOT_TRACK ?= True
 
 .PHONY: install tools weights data train serve test clean
 
