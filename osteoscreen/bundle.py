@@ -62,12 +62,13 @@ def register(bundle: ModelBundle) -> str:
     import bentoml
     import joblib
 
-    card = {"features": bundle.features, "threshold": bundle.threshold, "backbone": bundle.backbone, **bundle.metadata}
+    card = _jsonable({"features": bundle.features, "threshold": bundle.threshold, "backbone": bundle.backbone,
+                      **bundle.metadata})
     labels = {"backbone": bundle.backbone, "task": "osteoporosis-screening"}
-    with bentoml.models.create(bundle.name, labels=labels, metadata=_jsonable(card), module="osteoscreen.bundle") as model:
+    with bentoml.models.create(bundle.name, labels=labels, metadata=_summary(card), module="osteoscreen.bundle") as model:
         bundle.extractor.save(model.path_of(_EXTRACTOR_FILE))
         joblib.dump(bundle.classifier, model.path_of(_CLASSIFIER_FILE))
-        Path(model.path_of(_CARD_FILE)).write_text(json.dumps(_jsonable(card), indent=2))
+        Path(model.path_of(_CARD_FILE)).write_text(json.dumps(card, indent=2))
     bundle.version = model.tag.version
     return str(model.tag)
 
@@ -106,6 +107,18 @@ def load(tag: str | None = None) -> ModelBundle:
         version=model.tag.version,
         metadata=card,
     )
+
+
+def _summary(card: dict) -> dict:
+    """What `bentoml models get` shows: flat facts (the store's metadata takes no None or nesting);
+    the full card is `model_card.json` beside the model files."""
+    metrics = card.get("metrics", {})
+    facts = {"backbone": card["backbone"], "features": "+".join(card["features"]), "threshold": card["threshold"]}
+    for key in ("weights", "weights_sha256", "data_fingerprint", "n_train", "n_val", "n_test", "accuracy", "f1", "auc",
+                "sensitivity", "specificity", "min_sensitivity"):
+        if metrics.get(key) is not None:
+            facts[key] = metrics[key]
+    return facts
 
 
 def _jsonable(value: Any) -> Any:
