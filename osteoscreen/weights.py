@@ -18,6 +18,7 @@ loudly instead of quietly feeding wrong features to the classifier.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -134,7 +135,9 @@ def _keras_download(backbone: str, timeout_s: float = 20.0) -> Path | None:
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(timeout_s)
     try:
-        return Path(get_file(spec.keras_weights_file, f"{base}/{folder}/{spec.keras_weights_file}", cache_subdir="models"))
+        with contextlib.redirect_stdout(sys.stderr):  # Keras prints progress on stdout, where our results go
+            return Path(get_file(spec.keras_weights_file, f"{base}/{folder}/{spec.keras_weights_file}",
+                                 cache_subdir="models"))
     except Exception as exc:  # noqa: BLE001 - any network failure means "try the next source"
         print(f"Keras download of {backbone} weights failed ({type(exc).__name__}); trying the next source", file=sys.stderr)
         return None

@@ -37,7 +37,8 @@ def run(data_dir: Path, reports: Path = Path("reports"), seed: int = 0) -> str:
             m = evaluate_backbone(data, split, backbone, random_weights=random_weights, seed=seed).metrics
         except WeightsError as exc:
             print(f"{backbone}: {exc}", file=sys.stderr)
-            rows.append(f"| {backbone} + RF | unavailable: {str(exc).split(';')[0]} | - | - | - | - | - | - | "
+            rows.append(f"| {backbone} + RF | unavailable: no ImageNet weights here "
+                        f"(`osteoscreen weights --backbone {backbone} --from FILE`) | - | - | - | - | - | - | "
                         f"{SEED_REPORTED[backbone]} |")
             continue
         cells = " | ".join(_cell(m, k) for k in ("accuracy", "f1", "auc", "sensitivity", "specificity"))
