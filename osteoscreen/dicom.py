@@ -44,6 +44,7 @@ from pydicom.uid import (
 )
 
 from .errors import ImageDecodeError
+from .limits import check_dimensions
 
 __all__ = [
     "COLOR_INTERPRETATIONS",
@@ -169,14 +170,7 @@ def _check_header_fields(ds: Dataset, *, max_pixels: int, min_side: int) -> str:
         )
 
     rows, cols = _int_attr(ds, "Rows"), _int_attr(ds, "Columns")
-    if rows * cols > max_pixels:
-        raise ImageDecodeError(
-            f"the image is too large ({cols}x{rows} = {rows * cols} pixels; the limit is {max_pixels})"
-        )
-    if min(rows, cols) < min_side:
-        raise ImageDecodeError(
-            f"the image is too small ({cols}x{rows} pixels); need at least {min_side} pixels on each side"
-        )
+    check_dimensions(cols, rows, max_pixels=max_pixels, min_side=min_side)
     for name in ("BitsAllocated", "BitsStored"):
         if _int_attr(ds, name, default=0) <= 0:
             raise ImageDecodeError(f"the DICOM header has no valid {name}")

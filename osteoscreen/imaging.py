@@ -27,6 +27,7 @@ from PIL import Image
 
 from .dicom import decode_dicom, jpeg_frame_header
 from .errors import ImageDecodeError
+from .limits import check_dimensions
 from .specs import INPUT_SIZE
 
 __all__ = [
@@ -211,18 +212,6 @@ def _normalise_hint(format_hint: str | None) -> str | None:
     return _HINT_ALIASES[key]
 
 
-def _check_dimensions(width: int, height: int, limit: int) -> None:
-    """Reject from the header, before decoding: decompression bombs and icons."""
-    if width * height > limit:
-        raise ImageDecodeError(
-            f"the image is too large ({width}x{height} = {width * height} pixels; the limit is {limit})"
-        )
-    if min(width, height) < MIN_SIDE:
-        raise ImageDecodeError(
-            f"the image is too small ({width}x{height} pixels); need at least {MIN_SIDE} pixels on each side"
-        )
-
-
 def _resize(gray: np.ndarray, size: int) -> np.ndarray:
     """Antialiased bilinear stretch to size x size on a 32-bit float Pillow image; returns a new
     writable float32 array (the input is never modified)."""
@@ -245,7 +234,7 @@ def _decode_pillow(data: bytes, fmt: str) -> np.ndarray:
     width, height = _png_size(data) if fmt == "png" else _jpeg_size(data)
     # Pillow's own bomb limit also applies; checking it here keeps its warning/error from firing.
     limit = min(MAX_PIXELS, Image.MAX_IMAGE_PIXELS or MAX_PIXELS)
-    _check_dimensions(width, height, limit)
+    check_dimensions(width, height, max_pixels=limit, min_side=MIN_SIDE)
     label = fmt.upper()
     try:
         with Image.open(io.BytesIO(data), formats=[_PIL_FORMATS[fmt]]) as img:
