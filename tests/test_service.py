@@ -208,8 +208,9 @@ def test_concurrent_http_and_grpc_requests_share_batches(server, channel, images
     after = _metrics(server)
     calls = _sample(after, "osteoscreen_batch_size_count") - _sample(before, "osteoscreen_batch_size_count")
     images_seen = _sample(after, "osteoscreen_batch_size_sum") - _sample(before, "osteoscreen_batch_size_sum")
-    assert images_seen == len(images)
-    assert calls < len(images), f"{len(images)} requests ran in {calls} model calls: no batching"
+    # >=: a request an earlier test abandoned at its deadline may still reach the model meanwhile
+    assert images_seen >= len(images)
+    assert calls < len(images), f"{images_seen} images ran in {calls} model calls: no batching"
     assert _sample(after, "bentoml_service_adaptive_batch_size_count") > _sample(before, "bentoml_service_adaptive_batch_size_count")
 
 
