@@ -68,8 +68,12 @@ def fit(features: dict[str, np.ndarray], y: np.ndarray, groups: np.ndarray, seed
     search.fit(X, y)
     params = search.best_params_
     # Random Forest votes are poorly calibrated (squeezed towards 0.5); isotonic needs more data than sigmoid.
+    # ensemble=False: the calibrator learns from out-of-fold predictions, and one forest fitted on all the
+    # training rows serves, instead of one forest per fold: five times fewer trees on every request.
     method = "isotonic" if len(y) >= 400 else "sigmoid"
-    model = CalibratedClassifierCV(_forest(seed, **params), method=method, cv=folds).fit(X, y)
+    model = CalibratedClassifierCV(_forest(seed, **params), method=method, cv=folds, ensemble=False).fit(X, y)
+    for calibrated in model.calibrated_classifiers_:
+        calibrated.estimator.set_params(n_jobs=1)  # serving predicts small batches: thread fan-out costs more
     return FittedClassifier(model, best, params, scores, float(search.best_score_))
 
 
