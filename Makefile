@@ -11,7 +11,7 @@ BACKBONE ?= vgg16
 export OSTEOSCREEN_GRPC_PORT ?= 50051
 export BENTOML_DO_NOT_TRACK ?= True
 
-.PHONY: install tools weights data train serve test clean
+.PHONY: install tools weights data train model serve test clean
 
 $(STAMP): pyproject.toml $(wildcard protos/*/*.proto protos/*/*/*.proto)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,17 +33,22 @@ data: $(DATA)/manifest.csv
 train: weights data
 	$(BIN)/osteoscreen train --data $(DATA) --backbone $(BACKBONE) --reports reports
 
-serve: weights
+# A registered model: the one in the store, or one trained on the demo phantom.
+model: weights
 	@if $(BIN)/osteoscreen model-exists; then echo "Using the registered model."; \
 	else $(MAKE) --no-print-directory train; fi
+
+serve: model
 	$(BIN)/bentoml serve service:Screening --port 3000
 
-# System tools the tests use: promtool (Debian's prometheus) and kubectl's built-in kustomize.
+# System tools the tests use: Debian's prometheus (prometheus and promtool); kubectl comes from PyPI.
 tools:
-	@command -v promtool >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
 
 test: install tools
 	$(BIN)/python -m pytest
 
 clean:
 	rm -rf $(VENV) .pytest_cache build dist *.egg-info
+
+include loadtest/loadtest.mk

@@ -1,0 +1,51 @@
+# Load and performance targets; the Makefile includes this file (it defines BIN and the targets install,
+# weights and train). Every target serves the registered model on free loopback ports, training one first
+# when none is registered (like `make serve`). Details: loadtest/README.md.
+#
+#   make loadtest   Locust headless (HTTP + gRPC + v2) for LOADTEST_RUN_TIME; HTML/CSV reports; exit 1 on a broken SLO
+#   make bench      raw model vs served throughput and p50/p95 at concurrency 1/8/32; markdown + JSON
+#   make overload   offered load OVERLOAD_FACTOR x capacity: every answer within its deadline, bounded memory
+#   make soak       Locust for SOAK_RUN_TIME at SOAK_LOAD x the capacity `make bench` measured; zero failures
+LOADTEST_USERS ?= 6
+LOADTEST_SPAWN_RATE ?= 6
+LOADTEST_RUN_TIME ?= 60s
+LOADTEST_PROTOCOLS ?= http,grpc,v2
+LOADTEST_SLO ?= loadtest/slo.yaml
+LOADTEST_REPORTS ?= reports/loadtest
+LOADTEST_MIX ?= png=6,jpeg=3,dicom=1
+LOADTEST_TARGET_RPS ?= 0
+BENCH_OUT ?= reports/bench
+BENCH_DURATION ?= 15
+BENCH_ARGS ?=
+OVERLOAD_FACTOR ?= 4
+OVERLOAD_DURATION ?= 30
+OVERLOAD_DEADLINE ?= 10
+OVERLOAD_ARGS ?=
+SOAK_RUN_TIME ?= 5m
+SOAK_LOAD ?= 0.8
+SOAK_USERS ?= 16
+# the inputs `make bench` measured capacity with (no DICOM), so that SOAK_LOAD is a true share of capacity
+SOAK_MIX ?= png=2,jpeg=1
+
+.PHONY: loadtest bench overload soak loadtest-model
+
+loadtest-model: weights
+	@if $(BIN)/osteoscreen model-exists; then echo "Using the registered model."; \
+	else $(MAKE) --no-print-directory train; fi
+
+loadtest: loadtest-model
+	$(BIN)/python -m loadtest.run --users $(LOADTEST_USERS) --spawn-rate $(LOADTEST_SPAWN_RATE) \
+		--run-time $(LOADTEST_RUN_TIME) --protocols $(LOADTEST_PROTOCOLS) --slo $(LOADTEST_SLO) \
+		--reports $(LOADTEST_REPORTS) --mix $(LOADTEST_MIX) --target-rps $(LOADTEST_TARGET_RPS)
+
+bench: loadtest-model
+	$(BIN)/python -m osteoscreen.bench_serving bench --duration $(BENCH_DURATION) --out $(BENCH_OUT) $(BENCH_ARGS)
+
+overload: loadtest-model
+	$(BIN)/python -m osteoscreen.bench_serving overload --factor $(OVERLOAD_FACTOR) --duration $(OVERLOAD_DURATION) \
+		--deadline $(OVERLOAD_DEADLINE) --out $(BENCH_OUT) $(OVERLOAD_ARGS)
+
+soak: loadtest-model
+	$(BIN)/python -m loadtest.run --users $(SOAK_USERS) --spawn-rate $(SOAK_USERS) --run-time $(SOAK_RUN_TIME) \
+		--protocols $(LOADTEST_PROTOCOLS) --slo $(LOADTEST_SLO) --reports $(LOADTEST_REPORTS)/soak \
+		--mix $(SOAK_MIX) --capacity-from $(BENCH_OUT)/bench_serving.json --load $(SOAK_LOAD)
