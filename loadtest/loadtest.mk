@@ -1,5 +1,5 @@
 # Load and performance targets; the Makefile includes this file (it defines BIN and the targets install,
-# weights and train). Every target serves the registered model on free loopback ports, training one first
+# weights, train and model). Every target serves the registered model on free loopback ports, training one first
 # when none is registered (like `make serve`). Details: loadtest/README.md.
 #
 #   make loadtest   Locust headless (HTTP + gRPC + v2) for LOADTEST_RUN_TIME; HTML/CSV reports; exit 1 on a broken SLO
@@ -27,25 +27,21 @@ SOAK_USERS ?= 16
 # the inputs `make bench` measured capacity with (no DICOM), so that SOAK_LOAD is a true share of capacity
 SOAK_MIX ?= png=2,jpeg=1
 
-.PHONY: loadtest bench overload soak loadtest-model
+.PHONY: loadtest bench overload soak
 
-loadtest-model: weights
-	@if $(BIN)/osteoscreen model-exists; then echo "Using the registered model."; \
-	else $(MAKE) --no-print-directory train; fi
-
-loadtest: loadtest-model
+loadtest: model
 	$(BIN)/python -m loadtest.run --users $(LOADTEST_USERS) --spawn-rate $(LOADTEST_SPAWN_RATE) \
 		--run-time $(LOADTEST_RUN_TIME) --protocols $(LOADTEST_PROTOCOLS) --slo $(LOADTEST_SLO) \
 		--reports $(LOADTEST_REPORTS) --mix $(LOADTEST_MIX) --target-rps $(LOADTEST_TARGET_RPS)
 
-bench: loadtest-model
+bench: model
 	$(BIN)/python -m osteoscreen.bench_serving bench --duration $(BENCH_DURATION) --out $(BENCH_OUT) $(BENCH_ARGS)
 
-overload: loadtest-model
+overload: model
 	$(BIN)/python -m osteoscreen.bench_serving overload --factor $(OVERLOAD_FACTOR) --duration $(OVERLOAD_DURATION) \
 		--deadline $(OVERLOAD_DEADLINE) --out $(BENCH_OUT) $(OVERLOAD_ARGS)
 
-soak: loadtest-model
+soak: model
 	$(BIN)/python -m loadtest.run --users $(SOAK_USERS) --spawn-rate $(SOAK_USERS) --run-time $(SOAK_RUN_TIME) \
 		--protocols $(LOADTEST_PROTOCOLS) --slo $(LOADTEST_SLO) --reports $(LOADTEST_REPORTS)/soak \
 		--mix $(SOAK_MIX) --capacity-from $(BENCH_OUT)/bench_serving.json --load $(SOAK_LOAD)
