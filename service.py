@@ -33,7 +33,10 @@ MAX_BATCH = int(os.environ.get("OSTEOSCREEN_MAX_BATCH", "32"))
 _model_resources = {"gpu": 1} if os.environ.get("OSTEOSCREEN_GPU") == "1" else {"cpu": "1"}
 
 
-@bentoml.service(name="osteoscreen-model", workers=1, resources=_model_resources, traffic={"timeout": 120})
+# runner_connection: BentoML recycles the front's connection to this service every 100 requests by default and
+# fails the requests still in flight on it (BentoML #5540); keep the connection for the process's life.
+@bentoml.service(name="osteoscreen-model", workers=1, resources=_model_resources, traffic={"timeout": 120},
+                 runner_connection={"max_requests": 2**31 - 1, "max_age": 1e9})
 class Model:
     bento_model = bentoml.models.BentoModel(MODEL_TAG)
 
