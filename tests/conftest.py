@@ -57,67 +57,12 @@ def registered_model(tmp_path_factory, keras_home) -> dict:
             "tag": result.stdout.strip().splitlines()[-1]}
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """A real `bentoml serve service:Screening` subprocess (HTTP + gRPC), for end-to-end tests."""
-
-    def __init__(self, env: dict, log_path: Path, **extra_env: str):
-        import signal  # noqa: F401 - used by stop()
-
-        self.http_port, self.grpc_port = free_port(), free_port()
-        self.url = f"http://127.0.0.1:{self.http_port}"
-        self.grpc_target = f"127.0.0.1:{self.grpc_port}"
-        self.log_path = log_path
-        env = {**env, "OSTEOSCREEN_GRPC_PORT": str(self.grpc_port), "BENTOML_DO_NOT_TRACK": "True", **extra_env}
-        self._log = open(log_path, "w")
-        self.proc = subprocess.Popen([str(BIN / "bentoml"), "serve", "service:Screening", "--port", str(self.http_port)],
-                                     cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
-
-    def log_tail(self, n: int = 4000) -> str:
-        return self.log_path.read_text()[-n:]
-
-    def wait_ready(self, timeout: float = 300.0) -> "Server":
-        import time
-        import urllib.request
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/readyz", timeout=2) as response:
-                    if response.status == 200:
-                        return self
-            except OSError:
-                pass
-            time.sleep(1.0)
-        raise TimeoutError(f"server not ready after {timeout}s:\n{self.log_tail()}")
-
-    def stop(self, timeout: float = 60.0) -> int:
-        import signal
-
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self._log.close()
-        return self.proc.returncode
-
-
 @pytest.fixture(scope="module")
 def server(registered_model, tmp_path_factory):
     """One server per test module, on free ports, serving the session's registered model."""
-    srv = Server(registered_model["env"], tmp_path_factory.mktemp("server") / "server.log")
+    from osteoscreen.bench_serving import ServerProcess
+
+    srv = ServerProcess(env=registered_model["env"], log_path=tmp_path_factory.mktemp("server") / "server.log").start()
     try:
         yield srv.wait_ready()
     finally:
