@@ -1,8 +1,9 @@
 """OsteoScreen's bento: two BentoML services, one inference path.
 
 - `Model` holds the registered bundle (grayscale extractor + calibrated Random Forest) and exposes one
-  batchable API, so BentoML's adaptive batching merges concurrent requests from every protocol.
-  It is the only process that imports TensorFlow; give it the GPU.
+  batchable API. It is the only process that imports TensorFlow; give it the GPU. Each front worker
+  batches greedily itself (`osteoscreen/batching.py` says why); BentoML's batching merges the batches of
+  several front workers.
 - `Screening` (the entry point, `bentoml serve service:Screening`) decodes and validates images on CPU
   workers and answers HTTP `POST /predict` (port 3000) and gRPC (port 50051: osteoscreen.v1.Screening,
   the Open Inference Protocol v2, health, reflection). gRPC runs in a `grpc.aio` server started from
@@ -25,6 +26,7 @@ import numpy as np
 
 from osteoscreen import http_api, metrics
 from osteoscreen.inference import InferencePath, ModelInfo
+from osteoscreen.model_client import remote_infer
 
 log = logging.getLogger("osteoscreen.service")
 
@@ -74,7 +76,7 @@ class Screening:
     model = bentoml.depends(Model)
 
     def __init__(self) -> None:
-        self.path = InferencePath(lambda batch: self.model.to_async.infer(batch))
+        self.path = InferencePath(remote_infer(lambda batch: self.model.to_async.infer(batch)), max_batch=MAX_BATCH)
         http_app.state.predictor = self.path
         self.grpc = None
 

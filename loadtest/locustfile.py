@@ -85,7 +85,7 @@ def _options(parser) -> None:
                        help="folder of PNG/JPEG/DICOM files to send (default: phantoms + pydicom-data radiographs)")
     group.add_argument("--mix", default=DEFAULT_MIX, env_var="LOCUST_MIX", help="format weights, e.g. png=6,jpeg=3,dicom=1")
     group.add_argument("--request-timeout", type=float, default=60.0, env_var="LOCUST_REQUEST_TIMEOUT",
-                       help="per-request deadline, seconds (gRPC deadline; HTTP network timeout)")
+                       help="per-request deadline, seconds (gRPC deadline; HTTP X-Request-Timeout and network timeout)")
     group.add_argument("--rate-per-user", type=float, default=0.0, env_var="LOCUST_RATE_PER_USER",
                        help="requests/s per user (0: no think time, a closed loop)")
     group.add_argument("--slo", default=DEFAULT_SLO, env_var="LOCUST_SLO", help="SLO file to gate on ('' for none)")
@@ -170,7 +170,8 @@ class HttpPredictUser(FastHttpUser):
             body, content_type = _multipart(sample)
         else:
             body, content_type = sample.data, sample.content_type
-        with self.client.post("/predict", data=body, headers={"Content-Type": content_type},
+        headers = {"Content-Type": content_type, "X-Request-Timeout": f"{self.network_timeout:g}"}
+        with self.client.post("/predict", data=body, headers=headers,
                               name=ENTRIES["http"][1], catch_response=True) as response:
             if response.status_code != 200:
                 text = (response.text or "")[:120] if response.status_code else str(response.error)[:120]

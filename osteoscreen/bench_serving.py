@@ -365,7 +365,8 @@ class Clients:
 
         try:
             async with self._session.post(
-                f"{self.url}/predict", data=sample.data, headers={"Content-Type": sample.content_type},
+                f"{self.url}/predict", data=sample.data,
+                headers={"Content-Type": sample.content_type, "X-Request-Timeout": f"{timeout:g}"},
                 timeout=aiohttp.ClientTimeout(total=timeout),
             ) as response:
                 body = await response.read()

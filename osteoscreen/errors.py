@@ -24,3 +24,8 @@ class ModelNotFoundError(OsteoScreenError):
 
 class OverloadedError(OsteoScreenError):
     """The request queue is full; the caller should retry later (gRPC RESOURCE_EXHAUSTED, HTTP 503)."""
+
+
+class ModelUnavailableError(OsteoScreenError):
+    """The model service is loading, restarting or unreachable; the caller should retry, here or on another
+    replica (gRPC UNAVAILABLE, HTTP 503)."""

@@ -28,7 +28,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from osteoscreen import grpc_screening, grpc_v2, metrics
 from osteoscreen._generated import POOL
-from osteoscreen.errors import ImageDecodeError, ModelNotFoundError, OverloadedError
+from osteoscreen.errors import ImageDecodeError, ModelNotFoundError, ModelUnavailableError, OverloadedError
 from osteoscreen.types import Predictor
 
 log = logging.getLogger("osteoscreen.grpc")
@@ -45,6 +45,7 @@ REJECTION_REASONS = {
     grpc.StatusCode.INVALID_ARGUMENT: "invalid_input",
     grpc.StatusCode.RESOURCE_EXHAUSTED: "overloaded",
     grpc.StatusCode.DEADLINE_EXCEEDED: "deadline",
+    grpc.StatusCode.UNAVAILABLE: "unavailable",
 }
 _CODES_BY_VALUE = {code.value[0]: code for code in grpc.StatusCode}
 READINESS_POLL_S = 1.0
@@ -93,6 +94,8 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc) or "the image could not be decoded"
     if isinstance(exc, OverloadedError):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc) or "the server is overloaded; retry with backoff"
+    if isinstance(exc, ModelUnavailableError):
+        return grpc.StatusCode.UNAVAILABLE, str(exc)
     if isinstance(exc, TimeoutError):
         return grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before the prediction finished"
     if isinstance(exc, ModelNotFoundError):

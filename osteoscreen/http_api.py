@@ -1,4 +1,5 @@
-"""`POST /predict` over HTTP: the image as multipart field `image` or as the raw request body.
+"""`POST /predict` over HTTP: the image as multipart field `image` or as the raw request body; the optional
+header `X-Request-Timeout` (seconds, default and cap 60) is the caller's deadline.
 
 A small Starlette app mounted into the BentoML service, rather than a `@bentoml.api`, because the
 contract takes both body forms and must answer bad input with a plain 400 and its reason; BentoML's
@@ -15,11 +16,13 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from osteoscreen import metrics
-from osteoscreen.errors import ImageDecodeError, OverloadedError
+from osteoscreen.errors import ImageDecodeError, ModelUnavailableError, OverloadedError
 from osteoscreen.imaging import MAX_BYTES
 from osteoscreen.types import Predictor
 
 REQUEST_TIMEOUT_S = 60.0
+# The caller's deadline in seconds, like gRPC's: a request the queue ahead would keep past it is refused at once.
+TIMEOUT_HEADER = "x-request-timeout"
 
 
 def _error(status: int, message: str, reason: str | None = None) -> JSONResponse:
@@ -44,6 +47,18 @@ async def _read_image(request: Request) -> tuple[bytes, str | None]:
     return await request.body(), _hint(content_type)
 
 
+def _timeout(request: Request) -> float | None:
+    """Seconds the caller will wait (at most REQUEST_TIMEOUT_S); None if the header is unusable."""
+    raw = request.headers.get(TIMEOUT_HEADER)
+    if raw is None:
+        return REQUEST_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        return None
+    return min(value, REQUEST_TIMEOUT_S) if value > 0 else None
+
+
 def _hint(content_type: str | None) -> str | None:
     subtype = (content_type or "").split(";")[0].strip().lower()
     return {"image/png": "png", "image/jpeg": "jpeg", "application/dicom": "dicom"}.get(subtype)
@@ -52,18 +67,23 @@ def _hint(content_type: str | None) -> str | None:
 async def predict(request: Request) -> JSONResponse:
     predictor: Predictor | None = request.app.state.predictor
     if predictor is None:
-        return _error(503, "the server is starting; retry shortly", "overloaded")
+        return _error(503, "the server is starting; retry shortly", "unavailable")
+    timeout = _timeout(request)
+    if timeout is None:
+        return _error(400, f"header {TIMEOUT_HEADER} must be a positive number of seconds", "invalid_input")
     started = time.perf_counter()
     metrics.INFLIGHT.labels(protocol="http").inc()
     try:
         data, hint = await _read_image(request)
-        prediction = (await predictor.predict([data], [hint], timeout=REQUEST_TIMEOUT_S))[0]
+        prediction = (await predictor.predict([data], [hint], timeout=timeout))[0]
     except ImageDecodeError as exc:
         return _error(400, str(exc), "invalid_input")
     except OverloadedError as exc:
         return _error(503, str(exc), "overloaded")
+    except ModelUnavailableError as exc:
+        return _error(503, str(exc), "unavailable")
     except TimeoutError:
-        return _error(504, f"no answer within {REQUEST_TIMEOUT_S:.0f}s", "deadline")
+        return _error(504, f"no answer within {timeout:g}s", "deadline")
     finally:
         metrics.INFLIGHT.labels(protocol="http").dec()
         metrics.REQUEST_DURATION.labels(protocol="http", api="predict").observe(time.perf_counter() - started)

@@ -1,9 +1,10 @@
 """The one inference path behind HTTP and both gRPC APIs.
 
-bytes -> decoded, validated 224x224 tensor (here, on the front workers' threads) -> the model
-service's batched `infer` (extractor + calibrated RF, where requests from every protocol are batched
-together) -> Prediction. Admission is bounded: when more images wait than `max_queue`, callers get
-OverloadedError at once instead of joining a queue they would time out in.
+bytes -> decoded, validated 224x224 tensor (here, on the front workers' threads) -> the greedy batcher,
+which merges the requests of every protocol -> the model service's `infer` (extractor + calibrated RF)
+-> Prediction. Admission is bounded twice: by images waiting (`max_queue`, which bounds memory) and by
+time: a request that the images ahead of it would keep past its deadline is refused at once
+(OverloadedError -> 503 / RESOURCE_EXHAUSTED) instead of joining a queue it would time out in.
 """
 
 from __future__ import annotations
@@ -11,18 +12,19 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from osteoscreen import metrics
-from osteoscreen.errors import ImageDecodeError, OverloadedError
+from osteoscreen.batching import GreedyBatcher, InferFn
+from osteoscreen.errors import ImageDecodeError, ModelUnavailableError, OverloadedError
 from osteoscreen.imaging import load_image
 from osteoscreen.types import LABELS, Prediction
 
-# infer(batch (N, 224, 224, 1) float32) -> (N, 2): [probability, seconds the model spent on the batch]
-InferFn = Callable[[np.ndarray], Awaitable[np.ndarray]]
+# refuse when the expected wait exceeds this share of the deadline: decoding and the wire need the rest
+DEADLINE_SHARE = 0.9
 
 
 @dataclass(frozen=True)
@@ -36,8 +38,8 @@ class ModelInfo:
 class InferencePath:
     """Implements `types.Predictor` over a (remote, batched) model call."""
 
-    def __init__(self, infer: InferFn, max_queue: int | None = None):
-        self._infer = infer
+    def __init__(self, infer: InferFn, max_queue: int | None = None, max_batch: int | None = None):
+        self._batcher = GreedyBatcher(infer, max_batch or int(os.environ.get("OSTEOSCREEN_MAX_BATCH", "32")))
         self._info: ModelInfo | None = None
         self.max_queue = max_queue or int(os.environ.get("OSTEOSCREEN_MAX_QUEUE", "64"))
         self.queued = 0  # images admitted and not yet answered, in this worker
@@ -65,22 +67,20 @@ class InferencePath:
                       timeout: float | None = None) -> list[Prediction]:
         info = self._info
         if info is None:
-            raise OverloadedError("the model is still loading; retry shortly")
+            raise ModelUnavailableError("the model is still loading; retry shortly")
         if not images:
             raise ImageDecodeError("the request holds no image")
         hints = list(format_hints) if format_hints is not None else [None] * len(images)
         if len(hints) != len(images):
             raise ImageDecodeError(f"{len(hints)} format hints for {len(images)} images")
-        if self.queued + len(images) > self.max_queue:
-            raise OverloadedError(f"server busy: {self.queued} images queued (limit {self.max_queue}); retry later")
+        self._admit(len(images), timeout)
         self.queued += len(images)
         try:
             async with asyncio.timeout(timeout):
                 batch = await self._decode(images, hints)
                 sent = time.perf_counter()
-                out = np.asarray(await self._infer(batch))
-                compute = float(out[0, 1]) if len(out) else 0.0
-                metrics.QUEUE_WAIT.observe(max(0.0, time.perf_counter() - sent - compute))
+                out = await self._batcher(batch)
+                metrics.QUEUE_WAIT.observe(max(0.0, time.perf_counter() - sent - float(out[0, 1])))
         finally:
             self.queued -= len(images)
         predictions = []
@@ -90,6 +90,17 @@ class InferencePath:
             metrics.PROBABILITY.observe(probability)
             predictions.append(Prediction(probability, label, info.threshold, info.name, info.version))
         return predictions
+
+    def _admit(self, n: int, timeout: float | None) -> None:
+        if self.queued + n > self.max_queue:
+            raise OverloadedError(f"server busy: {self.queued} images queued (limit {self.max_queue}); retry later")
+        alone, wait = self._batcher.expected_wait(n), self._batcher.expected_wait(self.queued + n)
+        if timeout is None or wait is None or wait <= DEADLINE_SHARE * timeout:
+            return
+        if alone is not None and alone > DEADLINE_SHARE * timeout:  # not even an idle server could make it
+            raise TimeoutError(f"a {timeout:.2f}s deadline is shorter than the model's {alone:.2f}s for {n} images")
+        raise OverloadedError(f"server busy: the {self.queued} images queued need about {wait:.1f}s, "
+                              f"more than this request's {timeout:.1f}s deadline allows; retry later")
 
     @staticmethod
     async def _decode(images: Sequence[bytes], hints: list[str | None]) -> np.ndarray:

@@ -42,7 +42,7 @@ BATCH_SIZE = bentoml.metrics.Histogram(
 )
 REJECTED = bentoml.metrics.Counter(
     name="osteoscreen_rejected_requests_total",
-    documentation="Requests refused before inference, by protocol and reason (invalid_input, overloaded, deadline).",
+    documentation="Requests refused or failed before an answer, by protocol and reason (invalid_input, overloaded, deadline, unavailable).",
     labelnames=["protocol", "reason"],
 )
 PREDICTIONS = bentoml.metrics.Counter(

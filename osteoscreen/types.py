@@ -22,7 +22,9 @@ class Predictor(Protocol):
 
     `predict` takes encoded image files and returns one Prediction per file, in order. It raises
     `errors.ImageDecodeError` (message names the offending index) when any input is unusable,
-    `errors.OverloadedError` when the queue is full, and `TimeoutError` when `timeout` seconds pass.
+    `errors.OverloadedError` when the queue is full or would keep the request past `timeout`,
+    `errors.ModelUnavailableError` when the model cannot be reached, and `TimeoutError` when `timeout`
+    seconds pass (or could not suffice even on an idle server).
     """
 
     model_name: str

@@ -190,6 +190,16 @@ def test_client_deadline_is_honoured(server, channel, images):
     assert time.monotonic() - started < 2.0
 
 
+@pytest.mark.parametrize("value, status", [("0.01", 504), ("soon", 400), ("-1", 400)])
+def test_http_deadline_header_is_honoured(server, images, value, status):
+    started = time.monotonic()
+    response = requests.post(f"{server.url}/predict", data=images[0][1], timeout=30,
+                             headers={"Content-Type": "image/png", "X-Request-Timeout": value})
+    assert response.status_code == status, response.text
+    assert time.monotonic() - started < 2.0
+    assert _http(server, images[0][1]).status_code == 200
+
+
 def test_concurrent_http_and_grpc_requests_share_batches(server, channel, images):
     before = _metrics(server)
     stub = pb_grpc.ScreeningStub(channel)
@@ -230,6 +240,40 @@ def test_metrics_cover_both_protocols_and_pass_promtool(server):
     checked = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
     problems = [line for line in (checked.stdout + checked.stderr).splitlines() if line.strip()]
     assert checked.returncode == 0 and not problems, problems
+
+
+def test_a_crashed_model_process_is_retryable_and_comes_back(server, channel, images):
+    """SIGKILL the model service with requests in flight: callers get 503 / UNAVAILABLE (or, queued behind the
+    restart, their prediction), never an internal error; the front lives on and serving resumes."""
+    front = [p for p in server.processes() if "--service-name osteoscreen " in " ".join(p.cmdline())]
+    [model] = [p for p in server.processes() if "--service-name osteoscreen-model" in " ".join(p.cmdline())]
+    stub = pb_grpc.ScreeningStub(channel)
+
+    def grpc_call(data: bytes) -> str:
+        try:
+            stub.Predict(pb.PredictRequest(image=data), timeout=90)
+            return "200"
+        except grpc.RpcError as exc:
+            return f"{exc.code().name}: {exc.details()}"
+
+    def http_call(data: bytes) -> str:
+        response = _http(server, data)
+        return str(response.status_code) if response.ok else f"{response.status_code}: {response.text}"
+
+    with cf.ThreadPoolExecutor(12) as pool:
+        futures = [pool.submit(grpc_call if i % 2 else http_call, images[i][1]) for i in range(12)]
+        time.sleep(0.5)  # the first request's batch is done; the other eleven are in the model now
+        model.kill()
+        answers = [f.result(timeout=150) for f in futures]
+    unexpected = [a for a in answers if a != "200" and not a.startswith(("503: ", "UNAVAILABLE: "))]
+    assert not unexpected, answers
+    assert any(a.startswith(("503: ", "UNAVAILABLE: ")) for a in answers), answers  # the batch in the model failed
+    deadline = time.monotonic() + 180
+    while (status := _http(server, images[0][1]).status_code) != 200 and time.monotonic() < deadline:
+        time.sleep(1.0)
+    assert status == 200
+    assert [p.pid for p in server.processes() if "--service-name osteoscreen " in " ".join(p.cmdline())] == \
+        [p.pid for p in front]
 
 
 def test_graceful_shutdown_finishes_in_flight_requests(server, channel, images):

@@ -1,0 +1,218 @@
+"""The shared inference path without a server: greedy batching and deadline-aware admission, over a fake model
+whose speed and answers the tests control."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from osteoscreen.batching import GreedyBatcher, InferFn
+from osteoscreen.errors import ImageDecodeError, OverloadedError
+from osteoscreen.inference import InferencePath, ModelInfo
+from tests.inputs import good_png
+
+
+class FakeModel:
+    """Answers each image with its first pixel as the probability; reports `seconds_per_image` x N as the
+    batch's compute time; holds every call until `release` is set, so tests can make requests pile up."""
+
+    def __init__(self, seconds_per_image: float = 0.01) -> None:
+        self.seconds_per_image = seconds_per_image
+        self.batches: list[int] = []
+        self.release = asyncio.Event()
+        self.release.set()
+        self.fail_next: Exception | None = None
+
+    async def __call__(self, images: np.ndarray) -> np.ndarray:
+        self.batches.append(len(images))
+        await self.release.wait()
+        if self.fail_next is not None:
+            exc, self.fail_next = self.fail_next, None
+            raise exc
+        first = images.reshape(len(images), -1)[:, 0].astype(np.float64)
+        return np.stack([first, np.full(len(images), self.seconds_per_image * len(images))], axis=1)
+
+
+def images(*values: float) -> np.ndarray:
+    return np.stack([np.full((224, 224, 1), v, np.float32) for v in values])
+
+
+async def settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+def test_a_lone_request_goes_at_once_and_alone() -> None:
+    async def main() -> None:
+        model = FakeModel()
+        out = await GreedyBatcher(model, max_batch=8)(images(0.25))
+        assert model.batches == [1]
+        assert out[:, 0].tolist() == [0.25]
+
+    asyncio.run(main())
+
+
+def test_requests_that_wait_for_a_busy_model_go_as_one_batch_and_each_gets_its_own_rows() -> None:
+    async def main() -> None:
+        model = FakeModel()
+        model.release.clear()
+        batcher = GreedyBatcher(model, max_batch=32)
+        first = asyncio.create_task(batcher(images(0.0)))
+        await settle()
+        rest = [asyncio.create_task(batcher(images(i, i + 0.5))) for i in range(1, 6)]
+        await settle()
+        assert model.batches == [1]  # the others wait while the model works
+        model.release.set()
+        answers = await asyncio.gather(first, *rest)
+        assert model.batches == [1, 10]
+        assert [a[:, 0].tolist() for a in answers] == [[0.0]] + [[i, i + 0.5] for i in range(1, 6)]
+        assert batcher.seconds_per_image == pytest.approx(0.01)
+
+    asyncio.run(main())
+
+
+def test_batches_stay_within_max_batch_except_a_single_larger_request() -> None:
+    async def main() -> None:
+        model = FakeModel()
+        model.release.clear()
+        batcher = GreedyBatcher(model, max_batch=4)
+        blocker = asyncio.create_task(batcher(images(0)))
+        await settle()
+        tasks = [asyncio.create_task(batcher(images(*([1.0] * n)))) for n in (3, 2, 6, 1)]
+        await settle()
+        model.release.set()
+        await asyncio.gather(blocker, *tasks)
+        assert model.batches == [1, 3, 2, 6, 1]
+
+    asyncio.run(main())
+
+
+def test_a_caller_that_gave_up_never_reaches_the_model() -> None:
+    async def main() -> None:
+        model = FakeModel()
+        model.release.clear()
+        batcher = GreedyBatcher(model, max_batch=32)
+        blocker = asyncio.create_task(batcher(images(0)))
+        await settle()
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.05):
+                await batcher(images(7, 7, 7))
+        kept = asyncio.create_task(batcher(images(3)))
+        await settle()
+        model.release.set()
+        assert (await kept)[:, 0].tolist() == [3.0]
+        await blocker
+        assert model.batches == [1, 1]
+
+    asyncio.run(main())
+
+
+def test_a_model_error_reaches_that_batch_only_and_the_batcher_keeps_serving() -> None:
+    async def main() -> None:
+        model = FakeModel()
+        batcher = GreedyBatcher(model, max_batch=8)
+        model.fail_next = ConnectionError("model service went away")
+        with pytest.raises(ConnectionError, match="went away"):
+            await batcher(images(1))
+        assert (await batcher(images(2)))[:, 0].tolist() == [2.0]
+
+    asyncio.run(main())
+
+
+def test_a_malformed_model_answer_is_an_error_not_a_wrong_row() -> None:
+    async def short(batch: np.ndarray) -> np.ndarray:
+        return np.zeros((len(batch) - 1, 2))
+
+    async def main() -> None:
+        with pytest.raises(RuntimeError, match="answered"):
+            await GreedyBatcher(short, max_batch=8)(images(1, 2))
+
+    asyncio.run(main())
+
+
+def ready_path(model: InferFn, max_queue: int = 64) -> InferencePath:
+    path = InferencePath(model, max_queue=max_queue, max_batch=32)
+    path.set_model(ModelInfo(name="fake", version="1", backbone="vgg16", threshold=0.5))
+    return path
+
+
+def test_a_request_the_queue_would_keep_past_its_deadline_is_refused_at_once() -> None:
+    async def main() -> None:
+        model = FakeModel(seconds_per_image=0.5)
+        path = ready_path(model)
+        await path.predict([good_png(0)], timeout=10.0)  # the path learns 0.5 s per image
+        model.release.clear()
+        busy = [asyncio.create_task(path.predict([good_png(i)], timeout=60.0)) for i in range(4)]
+        while path.queued < 4 or len(model.batches) < 2:
+            await asyncio.sleep(0.01)
+        # 4 queued + this one = 5 images x 0.5 s = 2.5 s: more than a 2 s deadline, less than a 10 s one
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(OverloadedError, match="deadline"):
+            await path.predict([good_png(9)], timeout=2.0)
+        assert loop.time() - started < 1.0  # refused, not timed out
+        with pytest.raises(TimeoutError, match="shorter than the model"):  # not busy: too short for any server
+            await path.predict([good_png(9)], timeout=0.3)
+        admitted = asyncio.create_task(path.predict([good_png(9)], timeout=10.0))
+        await settle()
+        model.release.set()
+        assert len(await admitted) == 1
+        assert len(await asyncio.gather(*busy)) == 4
+        assert path.queued == 0
+
+    asyncio.run(main())
+
+
+def test_the_image_limit_refuses_whatever_the_deadline() -> None:
+    async def main() -> None:
+        model = FakeModel()
+        model.release.clear()
+        path = ready_path(model, max_queue=3)
+        busy = asyncio.create_task(path.predict([good_png(0), good_png(1)], timeout=None))
+        while path.queued < 2:
+            await asyncio.sleep(0.01)
+        with pytest.raises(OverloadedError, match="limit 3"):
+            await path.predict([good_png(2), good_png(3)], timeout=None)
+        model.release.set()
+        assert len(await busy) == 2
+
+    asyncio.run(main())
+
+
+def test_predictions_carry_the_model_and_its_threshold() -> None:
+    async def main() -> None:
+        path = ready_path(FakeModel())
+        with pytest.raises(ImageDecodeError, match="no image"):
+            await path.predict([])
+        [prediction] = await path.predict([good_png(0)])
+        assert prediction.label == ("osteoporosis" if prediction.probability >= 0.5 else "normal")
+        assert (prediction.model, prediction.version, prediction.threshold) == ("fake", "1", 0.5)
+
+    asyncio.run(main())
+
+
+def test_an_unreachable_model_service_is_retryable_and_its_own_errors_are_not() -> None:
+    import aiohttp
+    from bentoml.exceptions import InternalServerError
+
+    from osteoscreen.errors import ModelUnavailableError
+    from osteoscreen.grpc_server import status_for
+    from osteoscreen.model_client import remote_infer
+
+    async def refused(batch: np.ndarray) -> np.ndarray:
+        raise aiohttp.ServerDisconnectedError("the model process died")
+
+    async def broken(batch: np.ndarray) -> np.ndarray:
+        raise InternalServerError("model crashed on this batch")
+
+    async def main() -> None:
+        path = ready_path(remote_infer(refused))
+        with pytest.raises(ModelUnavailableError, match="cannot be reached") as unavailable:
+            await path.predict([good_png(0)], timeout=5.0)
+        assert status_for(unavailable.value)[0].name == "UNAVAILABLE"
+        with pytest.raises(InternalServerError):
+            await ready_path(remote_infer(broken)).predict([good_png(0)], timeout=5.0)
+
+    asyncio.run(main())
