@@ -1,9 +1,8 @@
 """OsteoScreen's bento: two BentoML services, one inference path.
 
-- `Model` holds the registered bundle (grayscale extractor + calibrated Random Forest) and exposes one
-  batchable API. It is the only process that imports TensorFlow; give it the GPU. Each front worker
-  batches greedily itself (`osteoscreen/batching.py` says why); BentoML's batching merges the batches of
-  several front workers.
+- `Model` holds the registered bundle (grayscale extractor + calibrated Random Forest) and batches the
+  requests of every protocol and front worker greedily (`osteoscreen/batching.py` says why not BentoML's
+  adaptive batching). It is the only process that imports TensorFlow; give it the GPU.
 - `Screening` (the entry point, `bentoml serve service:Screening`) decodes and validates images on CPU
   workers and answers HTTP `POST /predict` (port 3000) and gRPC (port 50051: osteoscreen.v1.Screening,
   the Open Inference Protocol v2, health, reflection). gRPC runs in a `grpc.aio` server started from
@@ -25,6 +24,7 @@ import bentoml
 import numpy as np
 
 from osteoscreen import http_api, metrics
+from osteoscreen.batching import GreedyBatcher
 from osteoscreen.inference import InferencePath, ModelInfo
 from osteoscreen.model_client import remote_infer
 
@@ -47,14 +47,20 @@ class Model:
 
         self.bundle = bundle.load(str(self.bento_model.tag))
         self.bundle.probabilities(np.zeros((1, 224, 224, 1), np.float32))  # warm-up: trace before traffic
+        self.batcher = GreedyBatcher(lambda batch: asyncio.to_thread(self._compute, batch), MAX_BATCH)
 
-    @bentoml.api(batchable=True, batch_dim=0, max_batch_size=MAX_BATCH, max_latency_ms=60_000)
-    def infer(self, images: np.ndarray) -> np.ndarray:
-        """(N, 224, 224, 1) float32 -> (N, 2): probability, and the batch's compute seconds (for queue time)."""
+    def _compute(self, images: np.ndarray) -> np.ndarray:
         started = time.perf_counter()
         probabilities = self.bundle.probabilities(images)
         metrics.BATCH_SIZE.observe(len(images))
-        return np.stack([probabilities, np.full_like(probabilities, time.perf_counter() - started)], axis=1)
+        n = len(images)
+        return np.stack([probabilities, np.full(n, time.perf_counter() - started), np.full(n, n)], axis=1)
+
+    @bentoml.api
+    async def infer(self, images: np.ndarray) -> np.ndarray:
+        """(N, 224, 224, 1) float32 -> (N, 3): probability, and its batch's compute seconds and size (the
+        front's queue-time metric and deadline-aware admission use them)."""
+        return await self.batcher(images)
 
     @bentoml.api
     def info(self) -> dict:
@@ -76,7 +82,7 @@ class Screening:
     model = bentoml.depends(Model)
 
     def __init__(self) -> None:
-        self.path = InferencePath(remote_infer(lambda batch: self.model.to_async.infer(batch)), max_batch=MAX_BATCH)
+        self.path = InferencePath(remote_infer(lambda batch: self.model.to_async.infer(batch)))
         http_app.state.predictor = self.path
         self.grpc = None
 

@@ -1,10 +1,11 @@
 """The one inference path behind HTTP and both gRPC APIs.
 
-bytes -> decoded, validated 224x224 tensor (here, on the front workers' threads) -> the greedy batcher,
-which merges the requests of every protocol -> the model service's `infer` (extractor + calibrated RF)
--> Prediction. Admission is bounded twice: by images waiting (`max_queue`, which bounds memory) and by
-time: a request that the images ahead of it would keep past its deadline is refused at once
-(OverloadedError -> 503 / RESOURCE_EXHAUSTED) instead of joining a queue it would time out in.
+bytes -> decoded, validated 224x224 tensor (here, on the front workers' threads) -> the model service's
+`infer`, which batches the requests of every protocol and front worker (`osteoscreen.batching`) and runs
+extractor + calibrated RF -> Prediction. Admission is bounded twice: by images waiting (`max_queue`,
+which bounds memory) and by time: a request that the images ahead of it would keep past its deadline is
+refused at once (OverloadedError -> 503 / RESOURCE_EXHAUSTED) instead of joining a queue it would time
+out in. The model's speed comes with its answers, so the estimate follows the hardware and batch sizes.
 """
 
 from __future__ import annotations
@@ -18,13 +19,16 @@ from dataclasses import dataclass
 import numpy as np
 
 from osteoscreen import metrics
-from osteoscreen.batching import GreedyBatcher, InferFn
+from osteoscreen.batching import InferFn
 from osteoscreen.errors import ImageDecodeError, ModelUnavailableError, OverloadedError
 from osteoscreen.imaging import load_image
 from osteoscreen.types import LABELS, Prediction
 
 # refuse when the expected wait exceeds this share of the deadline: decoding and the wire need the rest
 DEADLINE_SHARE = 0.9
+SPEED_SMOOTHING = 0.3  # weight of the newest batch in the moving average of seconds per image
+# infer answers each image with a row: probability, its batch's compute seconds, its batch's size
+PROBABILITY, BATCH_SECONDS, BATCH_SIZE = range(3)
 
 
 @dataclass(frozen=True)
@@ -38,11 +42,12 @@ class ModelInfo:
 class InferencePath:
     """Implements `types.Predictor` over a (remote, batched) model call."""
 
-    def __init__(self, infer: InferFn, max_queue: int | None = None, max_batch: int | None = None):
-        self._batcher = GreedyBatcher(infer, max_batch or int(os.environ.get("OSTEOSCREEN_MAX_BATCH", "32")))
+    def __init__(self, infer: InferFn, max_queue: int | None = None):
+        self._infer = infer
         self._info: ModelInfo | None = None
         self.max_queue = max_queue or int(os.environ.get("OSTEOSCREEN_MAX_QUEUE", "64"))
         self.queued = 0  # images admitted and not yet answered, in this worker
+        self.seconds_per_image: float | None = None  # the model's recent speed; None until its first answer
 
     def set_model(self, info: ModelInfo) -> None:
         self._info = info
@@ -79,12 +84,14 @@ class InferencePath:
             async with asyncio.timeout(timeout):
                 batch = await self._decode(images, hints)
                 sent = time.perf_counter()
-                out = await self._batcher(batch)
-                metrics.QUEUE_WAIT.observe(max(0.0, time.perf_counter() - sent - float(out[0, 1])))
+                out = np.asarray(await self._infer(batch))
         finally:
             self.queued -= len(images)
+        compute, size = float(out[0, BATCH_SECONDS]), float(out[0, BATCH_SIZE])
+        metrics.QUEUE_WAIT.observe(max(0.0, time.perf_counter() - sent - compute))
+        self._learn(compute / size)
         predictions = []
-        for probability in out[:, 0].tolist():
+        for probability in out[:, PROBABILITY].tolist():
             label = LABELS[1] if probability >= info.threshold else LABELS[0]
             metrics.PREDICTIONS.labels(label=label).inc()
             metrics.PROBABILITY.observe(probability)
@@ -94,13 +101,21 @@ class InferencePath:
     def _admit(self, n: int, timeout: float | None) -> None:
         if self.queued + n > self.max_queue:
             raise OverloadedError(f"server busy: {self.queued} images queued (limit {self.max_queue}); retry later")
-        alone, wait = self._batcher.expected_wait(n), self._batcher.expected_wait(self.queued + n)
-        if timeout is None or wait is None or wait <= DEADLINE_SHARE * timeout:
+        per_image = self.seconds_per_image
+        if timeout is None or per_image is None:
             return
-        if alone is not None and alone > DEADLINE_SHARE * timeout:  # not even an idle server could make it
-            raise TimeoutError(f"a {timeout:.2f}s deadline is shorter than the model's {alone:.2f}s for {n} images")
+        wait = (self.queued + n) * per_image
+        if wait <= DEADLINE_SHARE * timeout:
+            return
+        if n * per_image > DEADLINE_SHARE * timeout:  # not even an idle server could make it
+            raise TimeoutError(f"a {timeout:.2f}s deadline is shorter than the model's "
+                               f"{n * per_image:.2f}s for {n} images")
         raise OverloadedError(f"server busy: the {self.queued} images queued need about {wait:.1f}s, "
                               f"more than this request's {timeout:.1f}s deadline allows; retry later")
+
+    def _learn(self, sample: float) -> None:
+        old = self.seconds_per_image
+        self.seconds_per_image = sample if old is None else old + SPEED_SMOOTHING * (sample - old)
 
     @staticmethod
     async def _decode(images: Sequence[bytes], hints: list[str | None]) -> np.ndarray:

@@ -15,24 +15,28 @@ from tests.inputs import good_png
 
 
 class FakeModel:
-    """Answers each image with its first pixel as the probability; reports `seconds_per_image` x N as the
-    batch's compute time; holds every call until `release` is set, so tests can make requests pile up."""
+    """Answers each image with its first pixel as the probability, plus the batch's compute seconds
+    (`seconds_per_image` x N, reported) and size, as the model service does. It sleeps `sleep_per_image` x N
+    and holds every call until `release` is set, so tests can make requests pile up."""
 
-    def __init__(self, seconds_per_image: float = 0.01) -> None:
+    def __init__(self, seconds_per_image: float = 0.01, sleep_per_image: float = 0.0) -> None:
         self.seconds_per_image = seconds_per_image
+        self.sleep_per_image = sleep_per_image
         self.batches: list[int] = []
         self.release = asyncio.Event()
         self.release.set()
         self.fail_next: Exception | None = None
 
     async def __call__(self, images: np.ndarray) -> np.ndarray:
-        self.batches.append(len(images))
+        n = len(images)
+        self.batches.append(n)
         await self.release.wait()
+        await asyncio.sleep(self.sleep_per_image * n)
         if self.fail_next is not None:
             exc, self.fail_next = self.fail_next, None
             raise exc
-        first = images.reshape(len(images), -1)[:, 0].astype(np.float64)
-        return np.stack([first, np.full(len(images), self.seconds_per_image * len(images))], axis=1)
+        first = images.reshape(n, -1)[:, 0].astype(np.float64)
+        return np.stack([first, np.full(n, self.seconds_per_image * n), np.full(n, n)], axis=1)
 
 
 def images(*values: float) -> np.ndarray:
@@ -68,7 +72,39 @@ def test_requests_that_wait_for_a_busy_model_go_as_one_batch_and_each_gets_its_o
         answers = await asyncio.gather(first, *rest)
         assert model.batches == [1, 10]
         assert [a[:, 0].tolist() for a in answers] == [[0.0]] + [[i, i + 0.5] for i in range(1, 6)]
-        assert batcher.seconds_per_image == pytest.approx(0.01)
+
+    asyncio.run(main())
+
+
+def test_after_a_large_batch_the_next_waits_briefly_for_as_many_and_then_settles_back() -> None:
+    async def main() -> None:
+        model = FakeModel(sleep_per_image=0.05)
+        model.release.clear()
+        # gather_share 1: wait up to the whole model time of the expected batch (0.05 s per image)
+        batcher = GreedyBatcher(model, max_batch=8, gather_share=1.0)
+        blocker = asyncio.create_task(batcher(images(0)))
+        await settle()
+        first = [asyncio.create_task(batcher(images(i))) for i in range(4)]
+        await settle()
+        model.release.set()
+        await asyncio.gather(blocker, *first)
+        assert model.batches == [1, 4]
+
+        async def arrive(delay: float, value: float) -> np.ndarray:
+            await asyncio.sleep(delay)
+            return await batcher(images(value))
+
+        # the closed-loop pattern: the first resent request must not find the model free and go alone
+        answers = await asyncio.gather(*(arrive(0.02 * i, i) for i in range(4)))
+        assert model.batches == [1, 4, 4]
+        assert [a[:, 0].tolist() for a in answers] == [[0.0], [1.0], [2.0], [3.0]]
+        # load gone: one short wait (at most 4 x 0.05 s), then lone requests go at once
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await batcher(images(9))
+        assert loop.time() - started < 2.0
+        await batcher(images(9))
+        assert model.batches == [1, 4, 4, 1, 1]
 
     asyncio.run(main())
 
@@ -123,7 +159,7 @@ def test_a_model_error_reaches_that_batch_only_and_the_batcher_keeps_serving() -
 
 def test_a_malformed_model_answer_is_an_error_not_a_wrong_row() -> None:
     async def short(batch: np.ndarray) -> np.ndarray:
-        return np.zeros((len(batch) - 1, 2))
+        return np.zeros((len(batch) - 1, 3))
 
     async def main() -> None:
         with pytest.raises(RuntimeError, match="answered"):
@@ -133,7 +169,7 @@ def test_a_malformed_model_answer_is_an_error_not_a_wrong_row() -> None:
 
 
 def ready_path(model: InferFn, max_queue: int = 64) -> InferencePath:
-    path = InferencePath(model, max_queue=max_queue, max_batch=32)
+    path = InferencePath(model, max_queue=max_queue)
     path.set_model(ModelInfo(name="fake", version="1", backbone="vgg16", threshold=0.5))
     return path
 
@@ -145,7 +181,7 @@ def test_a_request_the_queue_would_keep_past_its_deadline_is_refused_at_once() -
         await path.predict([good_png(0)], timeout=10.0)  # the path learns 0.5 s per image
         model.release.clear()
         busy = [asyncio.create_task(path.predict([good_png(i)], timeout=60.0)) for i in range(4)]
-        while path.queued < 4 or len(model.batches) < 2:
+        while len(model.batches) < 5:  # all four at the model
             await asyncio.sleep(0.01)
         # 4 queued + this one = 5 images x 0.5 s = 2.5 s: more than a 2 s deadline, less than a 10 s one
         loop = asyncio.get_running_loop()

@@ -340,7 +340,6 @@ BENTOML_BUILTINS = {
     "bentoml_service_request_total": "Counter",
     "bentoml_service_request_duration_seconds": "Histogram",
     "bentoml_service_request_in_progress": "Gauge",
-    "bentoml_service_adaptive_batch_size": "Histogram",
 }
 STANDARD_PREFIXES = ("kube_", "DCGM_FI_", "container_")
 

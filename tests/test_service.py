@@ -221,7 +221,6 @@ def test_concurrent_http_and_grpc_requests_share_batches(server, channel, images
     # >=: a request an earlier test abandoned at its deadline may still reach the model meanwhile
     assert images_seen >= len(images)
     assert calls < len(images), f"{images_seen} images ran in {calls} model calls: no batching"
-    assert _sample(after, "bentoml_service_adaptive_batch_size_count") > _sample(before, "bentoml_service_adaptive_batch_size_count")
 
 
 def test_metrics_cover_both_protocols_and_pass_promtool(server):
