@@ -19,6 +19,7 @@ import asyncio
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import bentoml
 import numpy as np
@@ -47,7 +48,10 @@ class Model:
 
         self.bundle = bundle.load(str(self.bento_model.tag))
         self.bundle.probabilities(np.zeros((1, 224, 224, 1), np.float32))  # warm-up: trace before traffic
-        self.batcher = GreedyBatcher(lambda batch: asyncio.to_thread(self._compute, batch), MAX_BATCH)
+        # one thread runs every model call: calls never overlap, and TensorFlow keeps one thread's caches
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="osteoscreen-model")
+        self.batcher = GreedyBatcher(
+            lambda batch: asyncio.get_running_loop().run_in_executor(self._thread, self._compute, batch), MAX_BATCH)
 
     def _compute(self, images: np.ndarray) -> np.ndarray:
         started = time.perf_counter()

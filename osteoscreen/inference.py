@@ -24,8 +24,9 @@ from osteoscreen.errors import ImageDecodeError, ModelUnavailableError, Overload
 from osteoscreen.imaging import load_image
 from osteoscreen.types import LABELS, Prediction
 
-# refuse when the expected wait exceeds this share of the deadline: decoding and the wire need the rest
-DEADLINE_SHARE = 0.9
+# refuse when the expected wait exceeds this share of the deadline: on a busy machine the estimate runs
+# low (decoding competes with the model for cores), and a queue of half a deadline keeps the model busy
+DEADLINE_SHARE = 0.5
 SPEED_SMOOTHING = 0.3  # weight of the newest batch in the moving average of seconds per image
 # infer answers each image with a row: probability, its batch's compute seconds, its batch's size
 PROBABILITY, BATCH_SECONDS, BATCH_SIZE = range(3)
