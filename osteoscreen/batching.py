@@ -5,9 +5,11 @@ it observed, and under saturation those waits are the time jobs spent queued beh
 After a burst it kept holding lone requests for seconds (measured: C=1 p50 ~2.5 s after a C=32 burst on
 CPU, against ~0.4 s before it) and forgets only over hundreds of requests. Here a request goes as soon
 as the model is free, and requests that arrive while it works go together as the next batch (Triton's
-dynamic batcher). The one wait is short and bounded: for as many images as the last batch had, for at
-most a tenth of the model time of the batch. Without it, a closed loop of 32 clients alternated batches
-of 1 and 31 (the first resent request found the model free and went alone).
+dynamic batcher). The one wait is short and bounded: while fewer images wait than the last batch had,
+the batch stays open as long as images keep arriving within one image's model time of each other (they
+come faster than the model would process them alone), and never longer than the batch will compute.
+Without it, a closed loop of 32 clients alternated batches of 1 and 31 (the first resent request found
+the model free and went alone), and a request decoded a moment late waited a whole extra batch.
 
 It lives in the model service, not in the front, so that every admitted request is in flight at the
 model service: on SIGTERM the service drains them before it exits, and several front workers share
@@ -35,19 +37,13 @@ class _Job:
 
 
 class GreedyBatcher:
-    """`await batcher(images)` -> that request's rows of the model output, batched with its neighbours.
+    """`await batcher(images)` -> that request's rows of the model output, batched with its neighbours."""
 
-    Before a call, the batcher waits for more images only while fewer wait than the last batch held, for
-    at most `gather_share` of the expected model time of the batch and never more than `max_gather_s`:
-    the model idles for at most that share of its time."""
-
-    def __init__(self, infer: InferFn, max_batch: int = 32, gather_share: float = 0.1, max_gather_s: float = 0.5,
-                 smoothing: float = 0.3):
+    def __init__(self, infer: InferFn, max_batch: int = 32, max_gather_s: float = 0.5, smoothing: float = 0.3):
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         self._infer = infer
         self.max_batch = max_batch
-        self.gather_share = gather_share
         self.max_gather_s = max_gather_s
         self._smoothing = smoothing
         self._last_batch = 1
@@ -82,14 +78,17 @@ class GreedyBatcher:
         return sum(len(job.images) for job in self._pending if not job.future.done())
 
     async def _gather(self) -> None:
-        """Under load, give the requests about to arrive the chance to join this batch."""
-        if self.seconds_per_image is None:
+        """Under load, keep the batch open while the requests about to arrive keep coming."""
+        gap = self.seconds_per_image
+        if gap is None:
             return
         expected = min(self.max_batch, self._last_batch)
         loop = asyncio.get_running_loop()
-        until = loop.time() + min(self.max_gather_s, self.gather_share * expected * self.seconds_per_image)
-        while self._waiting_images() < expected and (left := until - loop.time()) > 0:
-            await self._sleep(left)
+        until = loop.time() + min(self.max_gather_s, expected * gap)
+        while (waiting := self._waiting_images()) < expected and (left := until - loop.time()) > 0:
+            await self._sleep(min(left, gap))
+            if self._waiting_images() == waiting:  # nothing came within one image's model time
+                return
 
     def _take(self) -> list[_Job]:
         """The oldest waiting jobs up to `max_batch` images; always at least one job, however large."""

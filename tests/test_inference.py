@@ -80,8 +80,7 @@ def test_after_a_large_batch_the_next_waits_briefly_for_as_many_and_then_settles
     async def main() -> None:
         model = FakeModel(sleep_per_image=0.05)
         model.release.clear()
-        # gather_share 1: wait up to the whole model time of the expected batch (0.05 s per image)
-        batcher = GreedyBatcher(model, max_batch=8, gather_share=1.0)
+        batcher = GreedyBatcher(model, max_batch=8)  # learns ~0.05 s per image
         blocker = asyncio.create_task(batcher(images(0)))
         await settle()
         first = [asyncio.create_task(batcher(images(i))) for i in range(4)]
@@ -94,17 +93,21 @@ def test_after_a_large_batch_the_next_waits_briefly_for_as_many_and_then_settles
             await asyncio.sleep(delay)
             return await batcher(images(value))
 
-        # the closed-loop pattern: the first resent request must not find the model free and go alone
+        # the closed-loop pattern: the first resent request must not find the model free and go alone;
+        # the others come 0.02 s apart, faster than the model's 0.05 s per image
         answers = await asyncio.gather(*(arrive(0.02 * i, i) for i in range(4)))
         assert model.batches == [1, 4, 4]
         assert [a[:, 0].tolist() for a in answers] == [[0.0], [1.0], [2.0], [3.0]]
-        # load gone: one short wait (at most 4 x 0.05 s), then lone requests go at once
+        # requests slower than the model per image do not hold the batch open for the whole gather time
+        answers = await asyncio.gather(*(arrive(0.3 * i, i) for i in range(4)))
+        assert model.batches[3:] == [1, 1, 1, 1]
+        # load gone: one short wait (one image's model time), then lone requests go at once
         loop = asyncio.get_running_loop()
         started = loop.time()
         await batcher(images(9))
         assert loop.time() - started < 2.0
         await batcher(images(9))
-        assert model.batches == [1, 4, 4, 1, 1]
+        assert model.batches[7:] == [1, 1]
 
     asyncio.run(main())
 
