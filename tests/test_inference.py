@@ -48,6 +48,17 @@ async def settle() -> None:
         await asyncio.sleep(0)
 
 
+async def busy_batcher(max_batch: int,
+                       model: FakeModel | None = None) -> tuple[FakeModel, GreedyBatcher, asyncio.Task]:
+    """A batcher whose model holds a first one-image request until `model.release` is set."""
+    model = model or FakeModel()
+    model.release.clear()
+    batcher = GreedyBatcher(model, max_batch=max_batch)
+    first = asyncio.create_task(batcher(images(0.0)))
+    await settle()
+    return model, batcher, first
+
+
 def test_a_lone_request_goes_at_once_and_alone() -> None:
     async def main() -> None:
         model = FakeModel()
@@ -60,11 +71,7 @@ def test_a_lone_request_goes_at_once_and_alone() -> None:
 
 def test_requests_that_wait_for_a_busy_model_go_as_one_batch_and_each_gets_its_own_rows() -> None:
     async def main() -> None:
-        model = FakeModel()
-        model.release.clear()
-        batcher = GreedyBatcher(model, max_batch=32)
-        first = asyncio.create_task(batcher(images(0.0)))
-        await settle()
+        model, batcher, first = await busy_batcher(32)
         rest = [asyncio.create_task(batcher(images(i, i + 0.5))) for i in range(1, 6)]
         await settle()
         assert model.batches == [1]  # the others wait while the model works
@@ -78,11 +85,7 @@ def test_requests_that_wait_for_a_busy_model_go_as_one_batch_and_each_gets_its_o
 
 def test_after_a_large_batch_the_next_waits_briefly_for_as_many_and_then_settles_back() -> None:
     async def main() -> None:
-        model = FakeModel(sleep_per_image=0.05)
-        model.release.clear()
-        batcher = GreedyBatcher(model, max_batch=8)  # learns ~0.05 s per image
-        blocker = asyncio.create_task(batcher(images(0)))
-        await settle()
+        model, batcher, blocker = await busy_batcher(8, FakeModel(sleep_per_image=0.05))  # ~0.05 s per image
         first = [asyncio.create_task(batcher(images(i))) for i in range(4)]
         await settle()
         model.release.set()
@@ -114,11 +117,7 @@ def test_after_a_large_batch_the_next_waits_briefly_for_as_many_and_then_settles
 
 def test_batches_stay_within_max_batch_except_a_single_larger_request() -> None:
     async def main() -> None:
-        model = FakeModel()
-        model.release.clear()
-        batcher = GreedyBatcher(model, max_batch=4)
-        blocker = asyncio.create_task(batcher(images(0)))
-        await settle()
+        model, batcher, blocker = await busy_batcher(4)
         tasks = [asyncio.create_task(batcher(images(*([1.0] * n)))) for n in (3, 2, 6, 1)]
         await settle()
         model.release.set()
@@ -130,11 +129,7 @@ def test_batches_stay_within_max_batch_except_a_single_larger_request() -> None:
 
 def test_a_caller_that_gave_up_never_reaches_the_model() -> None:
     async def main() -> None:
-        model = FakeModel()
-        model.release.clear()
-        batcher = GreedyBatcher(model, max_batch=32)
-        blocker = asyncio.create_task(batcher(images(0)))
-        await settle()
+        model, batcher, blocker = await busy_batcher(32)
         with pytest.raises(TimeoutError):
             async with asyncio.timeout(0.05):
                 await batcher(images(7, 7, 7))
