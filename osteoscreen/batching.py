@@ -21,13 +21,11 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
-# infer(batch of N images) -> N rows of answers
-InferFn = Callable[[np.ndarray], Awaitable[np.ndarray]]
+from osteoscreen.types import InferFn
 
 
 @dataclass

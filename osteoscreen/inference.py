@@ -19,10 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from osteoscreen import metrics
-from osteoscreen.batching import InferFn
 from osteoscreen.errors import ImageDecodeError, ModelUnavailableError, OverloadedError
 from osteoscreen.imaging import load_image
-from osteoscreen.types import LABELS, Prediction
+from osteoscreen.types import LABELS, InferFn, Prediction
 
 # refuse when the expected wait exceeds this share of the deadline: on a busy machine the estimate runs
 # low (decoding competes with the model for cores), and a queue of half a deadline keeps the model busy

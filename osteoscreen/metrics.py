@@ -42,7 +42,8 @@ BATCH_SIZE = bentoml.metrics.Histogram(
 )
 REJECTED = bentoml.metrics.Counter(
     name="osteoscreen_rejected_requests_total",
-    documentation="Requests refused or failed before an answer, by protocol and reason (invalid_input, overloaded, deadline, unavailable).",
+    documentation="Requests refused or failed before an answer, by protocol and reason "
+                  "(invalid_input, overloaded, deadline, unavailable).",
     labelnames=["protocol", "reason"],
 )
 PREDICTIONS = bentoml.metrics.Counter(

@@ -11,8 +11,8 @@ import aiohttp
 import numpy as np
 from bentoml.exceptions import ServiceUnavailable
 
-from osteoscreen.batching import InferFn
 from osteoscreen.errors import ModelUnavailableError
+from osteoscreen.types import InferFn
 
 
 def remote_infer(call: InferFn) -> InferFn:

@@ -1,11 +1,18 @@
-"""Values that cross module boundaries: one prediction, and the contract every front end calls."""
+"""Values that cross module boundaries: one prediction, the contract every front end calls, and the shape of
+a (batched) model call."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
+import numpy as np
+
 LABELS = ("normal", "osteoporosis")  # index 1 is the positive class
+
+# A model call: a batch of N images (N, 224, 224, 1) float32 -> N rows of answers.
+InferFn = Callable[[np.ndarray], Awaitable[np.ndarray]]
 
 
 @dataclass(frozen=True)

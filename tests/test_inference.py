@@ -8,9 +8,10 @@ import asyncio
 import numpy as np
 import pytest
 
-from osteoscreen.batching import GreedyBatcher, InferFn
+from osteoscreen.batching import GreedyBatcher
 from osteoscreen.errors import ImageDecodeError, OverloadedError
 from osteoscreen.inference import InferencePath, ModelInfo
+from osteoscreen.types import InferFn
 from tests.inputs import good_png
 
 
