@@ -55,6 +55,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: `
 from loadtest import slo  # noqa: E402
 from osteoscreen import codegen  # noqa: E402
 from osteoscreen.bench_serving import DEFAULT_MIX, ImageMix, Sample, build_mix  # noqa: E402
+from osteoscreen.grpc_v2 import InvalidTensor, decode_raw_bytes, encode_raw_bytes  # noqa: E402 - grpc, numpy
+from osteoscreen.types import LABELS  # noqa: E402
 
 codegen.ensure_stubs()
 from osteoscreen._generated.inference import grpc_predict_v2_pb2 as v2_pb  # noqa: E402
@@ -62,7 +64,6 @@ from osteoscreen._generated.inference import grpc_predict_v2_pb2_grpc as v2_grpc
 from osteoscreen._generated.osteoscreen.v1 import screening_pb2 as pb  # noqa: E402
 from osteoscreen._generated.osteoscreen.v1 import screening_pb2_grpc as pb_grpc  # noqa: E402
 
-LABELS = ("normal", "osteoporosis")
 MiB = 1024 * 1024
 # protocol -> (Locust request_type, name): the stats entries the SLO gate reads
 ENTRIES = {
@@ -230,11 +231,13 @@ class GrpcClient:
 class _GrpcUser(User):
     abstract = True
     wait_time = _wait
+    stub_class: type  # the generated stub this user calls
 
     def on_start(self) -> None:
         self.rng = random.Random()
         options = self.environment.parsed_options
         self.client = GrpcClient(_grpc_target(self.environment), self.environment, options.request_timeout)
+        self.stub = self.stub_class(self.client.channel)
 
     def on_stop(self) -> None:
         self.client.close()
@@ -243,9 +246,7 @@ class _GrpcUser(User):
 class GrpcPredictUser(_GrpcUser):
     """`osteoscreen.v1.Screening/Predict`, one image per call, with a request id that must come back."""
 
-    def on_start(self) -> None:
-        super().on_start()
-        self.stub = pb_grpc.ScreeningStub(self.client.channel)
+    stub_class = pb_grpc.ScreeningStub
 
     @task
     def predict(self) -> None:
@@ -266,9 +267,7 @@ class V2InferUser(_GrpcUser):
     """Open Inference Protocol v2 `ModelInfer` on model `osteoporosis`, input `image` (BYTES [1]), half in
     `raw_input_contents` (what tritonclient sends), half in `contents.bytes_contents` (kserve's form)."""
 
-    def on_start(self) -> None:
-        super().on_start()
-        self.stub = v2_grpc.GRPCInferenceServiceStub(self.client.channel)
+    stub_class = v2_grpc.GRPCInferenceServiceStub
 
     @task
     def infer(self) -> None:
@@ -277,7 +276,7 @@ class V2InferUser(_GrpcUser):
         tensor = request.inputs.add(name="image", datatype="BYTES", shape=[1])
         raw = self.rng.random() < 0.5
         if raw:
-            request.raw_input_contents.append(len(sample.data).to_bytes(4, "little") + sample.data)
+            request.raw_input_contents.append(encode_raw_bytes([sample.data]))
         else:
             tensor.contents.bytes_contents.append(sample.data)
         self.client.call(ENTRIES["v2"][1], self.stub.ModelInfer, request, lambda r: _check_v2(r, raw))
@@ -291,8 +290,11 @@ def _check_v2(response: v2_pb.ModelInferResponse, raw: bool) -> str | None:
         if len(response.raw_output_contents) != 2:
             return "raw request answered without raw_output_contents"
         probability = struct.unpack("<f", response.raw_output_contents[outputs["probability"][0]][:4])[0]
-        label_raw = response.raw_output_contents[outputs["label"][0]]
-        label = label_raw[4 : 4 + int.from_bytes(label_raw[:4], "little")].decode()
+        try:
+            [label_bytes] = decode_raw_bytes(response.raw_output_contents[outputs["label"][0]], 1)
+        except InvalidTensor as exc:
+            return f"label output: {exc}"
+        label = label_bytes.decode()
     else:
         probability = outputs["probability"][1].contents.fp32_contents[0]
         label = outputs["label"][1].contents.bytes_contents[0].decode()

@@ -63,6 +63,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
+from osteoscreen.types import LABELS
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 PROTOCOLS = ("http", "grpc", "v2")
@@ -372,7 +376,7 @@ class Clients:
                 body = await response.read()
                 if response.status == 200:
                     answer = json.loads(body)
-                    return "ok" if answer.get("label") in ("normal", "osteoporosis") else "error:bad-answer"
+                    return "ok" if answer.get("label") in LABELS else "error:bad-answer"
                 if response.status in REJECTED_HTTP:
                     return "rejected"
                 if response.status == 504:
@@ -398,7 +402,7 @@ class Clients:
     async def grpc(self, sample: Sample, timeout: float) -> str:
         request = self._pb.PredictRequest(image=sample.data, format=sample.format)
         return await self._grpc_outcome(self._screening.Predict(request, timeout=timeout),
-                                        lambda r: r.label in ("normal", "osteoporosis"))
+                                        lambda r: r.label in LABELS)
 
     async def v2(self, sample: Sample, timeout: float) -> str:
         from osteoscreen.grpc_v2 import encode_raw_bytes  # grpc + numpy only
@@ -413,14 +417,9 @@ class Clients:
 # ---------------------------------------------------------------------------------------------- measurement
 
 
-def percentile(values: Sequence[float], q: float) -> float:
-    """Linear-interpolated percentile (q in 0..100); NaN for no values."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    k = (len(ordered) - 1) * q / 100.0
-    lo, hi = math.floor(k), math.ceil(k)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+def percentile_ms(seconds: Sequence[float], q: float) -> float | None:
+    """The q-th percentile (0..100, linear) of latencies in seconds, in milliseconds; None for none."""
+    return round(float(np.percentile(seconds, q)) * 1e3, 1) if len(seconds) else None
 
 
 @dataclass
@@ -465,8 +464,8 @@ async def closed_loop(call: Call, samples: Sequence[Sample], concurrency: int, w
         "outcomes": dict(Counter(r.outcome for r in window)),
         "images_per_s": round(rate, 3),
         "completions_per_s": round(len(ok) / duration_s, 3),
-        "p50_ms": round(percentile(ok, 50) * 1e3, 1) if ok else None,
-        "p95_ms": round(percentile(ok, 95) * 1e3, 1) if ok else None,
+        "p50_ms": percentile_ms(ok, 50),
+        "p95_ms": percentile_ms(ok, 95),
         "mean_ms": round(mean * 1e3, 1) if ok else None,
     }
 
@@ -739,9 +738,6 @@ def summarize_overload(records: list[Record], deadline_s: float, fast_s: float) 
         rs = [r for r in records if r.protocol == p]
         per_protocol[p] = dict(Counter(r.outcome for r in rs))
 
-    def ms(values: list[float], q: float) -> float | None:
-        return round(percentile(values, q) * 1e3, 1) if values else None
-
     return {
         "requests": len(records),
         "outcomes": dict(by_outcome),
@@ -749,8 +745,9 @@ def summarize_overload(records: list[Record], deadline_s: float, fast_s: float) 
         "answered_within_deadline": len(records) - len(late),
         "missed_deadline": len(late),
         "errors": sum(n for o, n in by_outcome.items() if o.startswith("error")),
-        "ok_p50_ms": ms(ok, 50), "ok_p95_ms": ms(ok, 95), "ok_max_ms": ms(ok, 100),
-        "rejected_p50_ms": ms(rejected, 50), "rejected_p95_ms": ms(rejected, 95), "rejected_max_ms": ms(rejected, 100),
+        "ok_p50_ms": percentile_ms(ok, 50), "ok_p95_ms": percentile_ms(ok, 95), "ok_max_ms": percentile_ms(ok, 100),
+        "rejected_p50_ms": percentile_ms(rejected, 50), "rejected_p95_ms": percentile_ms(rejected, 95),
+        "rejected_max_ms": percentile_ms(rejected, 100),
         "rejections_fast": all(x <= fast_s for x in rejected),
     }
 
