@@ -1,7 +1,7 @@
 """OsteoScreen's bento: two BentoML services, one inference path.
 
 - `Model` holds the registered bundle (grayscale extractor + calibrated Random Forest) and batches the
-  requests of every protocol and front worker greedily (`osteoscreen/batching.py` says why not BentoML's
+  requests of every protocol and front worker greedily (`osteoscreen/serving/batching.py` says why not BentoML's
   adaptive batching). It is the only process that imports TensorFlow; give it the GPU.
 - `Screening` (the entry point, `bentoml serve service:Screening`) decodes and validates images on CPU
   workers and answers HTTP `POST /predict` (port 3000) and gRPC (port 50051: osteoscreen.v1.Screening,
@@ -10,7 +10,7 @@
 
 Settings are environment variables (see README): OSTEOSCREEN_MODEL_TAG, OSTEOSCREEN_GRPC_PORT,
 OSTEOSCREEN_MAX_QUEUE, OSTEOSCREEN_MAX_BATCH, OSTEOSCREEN_GPU, OSTEOSCREEN_FRONT_WORKERS, and the
-limits of `osteoscreen.imaging` and `osteoscreen.grpc_server`.
+limits of `osteoscreen.imaging.decode` and `osteoscreen.serving.grpc.server`.
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ from concurrent.futures import ThreadPoolExecutor
 import bentoml
 import numpy as np
 
-from osteoscreen import http_api, metrics
-from osteoscreen.batching import GreedyBatcher
-from osteoscreen.inference import InferencePath, ModelInfo
-from osteoscreen.model_client import remote_infer
+from osteoscreen.serving import http, metrics
+from osteoscreen.serving.batching import GreedyBatcher
+from osteoscreen.serving.inference import InferencePath, ModelInfo
+from osteoscreen.serving.model_client import remote_infer
 
 log = logging.getLogger("osteoscreen.service")
 
@@ -44,7 +44,7 @@ class Model:
     bento_model = bentoml.models.BentoModel(MODEL_TAG)
 
     def __init__(self) -> None:
-        from osteoscreen import bundle
+        from osteoscreen.model import bundle
 
         self.bundle = bundle.load(str(self.bento_model.tag))
         self.bundle.probabilities(np.zeros((1, 224, 224, 1), np.float32))  # warm-up: trace before traffic
@@ -72,7 +72,7 @@ class Model:
         return {"name": b.name, "version": b.version, "backbone": b.backbone, "threshold": b.threshold}
 
 
-http_app = http_api.create_app()
+http_app = http.create_app()
 
 
 @bentoml.asgi_app(http_app, path="/")
@@ -92,7 +92,7 @@ class Screening:
 
     @bentoml.on_startup
     async def start_grpc(self) -> None:
-        from osteoscreen.grpc_server import GrpcServer
+        from osteoscreen.serving.grpc.server import GrpcServer
 
         self.grpc = GrpcServer(self.path)
         await self.grpc.start()

@@ -35,10 +35,10 @@ loadtest: model
 		--reports $(LOADTEST_REPORTS) --mix $(LOADTEST_MIX) --target-rps $(LOADTEST_TARGET_RPS)
 
 bench: model
-	$(BIN)/python -m osteoscreen.bench_serving bench --duration $(BENCH_DURATION) --out $(BENCH_OUT) $(BENCH_ARGS)
+	$(BIN)/python -m loadtest.bench bench --duration $(BENCH_DURATION) --out $(BENCH_OUT) $(BENCH_ARGS)
 
 overload: model
-	$(BIN)/python -m osteoscreen.bench_serving overload --factor $(OVERLOAD_FACTOR) --duration $(OVERLOAD_DURATION) \
+	$(BIN)/python -m loadtest.bench overload --factor $(OVERLOAD_FACTOR) --duration $(OVERLOAD_DURATION) \
 		--deadline $(OVERLOAD_DEADLINE) --out $(BENCH_OUT) $(OVERLOAD_ARGS)
 
 soak: model

@@ -22,7 +22,7 @@ At the end (`quitting`), the SLO file (`--slo`) is checked against the statistic
 class ran; the verdict is printed, written as JSON (`--slo-report`, default `<csv prefix>_slo.json`), and sets
 the exit code: 0 when every SLO holds (even if some requests failed within the allowed ratio), 1 otherwise.
 
-This process never imports TensorFlow (only locust, grpc, the generated stubs and `osteoscreen.bench_serving`'s
+This process never imports TensorFlow (only locust, grpc, the generated stubs and `loadtest.images`'
 image mix), and imports locust first: gevent must patch the standard library before anything else loads.
 """
 
@@ -54,8 +54,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: `
 
 from loadtest import slo  # noqa: E402
 from osteoscreen import codegen  # noqa: E402
-from osteoscreen.bench_serving import DEFAULT_MIX, ImageMix, Sample, build_mix  # noqa: E402
-from osteoscreen.grpc_v2 import InvalidTensor, decode_raw_bytes, encode_raw_bytes  # noqa: E402 - grpc, numpy
+from loadtest.images import DEFAULT_MIX, ImageMix, Sample, build_mix  # noqa: E402
+from osteoscreen.serving.grpc.v2 import InvalidTensor, decode_raw_bytes, encode_raw_bytes  # noqa: E402 - grpc, numpy
 from osteoscreen.types import LABELS  # noqa: E402
 
 codegen.ensure_stubs()

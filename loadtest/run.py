@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--host needs --grpc-target")
         return subprocess.call(locust_command(args.host, args.grpc_target, args, reports), cwd=REPO)
 
-    from osteoscreen.bench_serving import ServerProcess
+    from loadtest.server import ServerProcess
 
     server = ServerProcess(log_path=reports / "server.log")
     try:

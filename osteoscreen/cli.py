@@ -10,11 +10,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from osteoscreen.specs import BACKBONE_NAMES, DEFAULT_BACKBONE
+from osteoscreen.model.specs import BACKBONE_NAMES, DEFAULT_BACKBONE
 
 
 def _cmd_weights(args: argparse.Namespace) -> int:
-    from osteoscreen import weights
+    from osteoscreen.model import weights
 
     info = weights.provision(args.backbone, source_file=args.from_file)
     print(info.describe())
@@ -61,14 +61,14 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from osteoscreen import bench
+    from osteoscreen.model import bench
 
     print(bench.run_raw(backbone=args.backbone, model_tag=args.model, batch_sizes=args.batch_sizes))
     return 0
 
 
 def _cmd_model_exists(args: argparse.Namespace) -> int:
-    from osteoscreen.bundle import find_model
+    from osteoscreen.model.bundle import find_model
 
     return 0 if find_model(args.model) is not None else 1
 

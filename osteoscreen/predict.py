@@ -18,8 +18,8 @@ def run(files: list[str], model_tag: str | None = None, server: str | None = Non
         from osteoscreen.client import predict_files_remote
 
         return predict_files_remote(files, server, tls=tls)
-    from osteoscreen import bundle
-    from osteoscreen.imaging import load_image
+    from osteoscreen.model import bundle
+    from osteoscreen.imaging.decode import load_image
 
     model = bundle.load(model_tag)
     status = 0

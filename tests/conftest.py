@@ -60,7 +60,7 @@ def registered_model(tmp_path_factory, keras_home) -> dict:
 @pytest.fixture(scope="module")
 def server(registered_model, tmp_path_factory):
     """One server per test module, on free ports, serving the session's registered model."""
-    from osteoscreen.bench_serving import ServerProcess
+    from loadtest.server import ServerProcess
 
     srv = ServerProcess(env=registered_model["env"], log_path=tmp_path_factory.mktemp("server") / "server.log").start()
     try:

@@ -4,7 +4,7 @@ tests (`tests/test_service.py`, which send every bad input over HTTP and both gR
     from tests.inputs import BAD_INPUTS, real_radiograph, good_png, good_jpeg
 
 `BAD_INPUTS` maps a case name to `(data, format_hint, words)`: `data` must be refused (by
-`osteoscreen.imaging.load_image(data, format_hint)`, and so by every serving API) with a short
+`osteoscreen.imaging.decode.load_image(data, format_hint)`, and so by every serving API) with a short
 message containing every one of `words` (all lower-case: compare with `message.lower()`).
 `format_hint` is None or one of "png", "jpeg", "dicom". Every input is under 1 MB; the limits they
 exceed are the server's defaults (MAX_PIXELS 50 Mpx, MAX_BYTES 64 MiB), not monkeypatched ones.

@@ -6,9 +6,9 @@ import keras
 import numpy as np
 import pytest
 
-from osteoscreen import backbones
+from osteoscreen.model import backbones
 from osteoscreen.errors import WeightsError
-from osteoscreen.specs import get_spec
+from osteoscreen.model.specs import get_spec
 
 
 def _reference_features(reference: keras.Model, spec, gray: np.ndarray) -> dict[str, np.ndarray]:

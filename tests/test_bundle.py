@@ -11,8 +11,8 @@ import keras
 import numpy as np
 from sklearn.ensemble import RandomForestClassifier
 
-from osteoscreen import bundle
-from osteoscreen.backbones import AppendOnes
+from osteoscreen.model import bundle
+from osteoscreen.model.backbones import AppendOnes
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -29,10 +29,11 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client import REGISTRY
 from tritonclient.utils import InferenceServerException
 
-from osteoscreen import codegen, grpc_screening, grpc_v2
+from osteoscreen import codegen
+from osteoscreen.serving.grpc import screening as grpc_screening, v2 as grpc_v2
 from osteoscreen.client import ScreeningClient, predict_files_remote
 from osteoscreen.errors import ImageDecodeError, OverloadedError
-from osteoscreen.grpc_server import GrpcServer, GrpcSettings
+from osteoscreen.serving.grpc.server import GrpcServer, GrpcSettings
 from osteoscreen.types import Prediction
 
 spb, spb_grpc = grpc_screening.pb, grpc_screening.pb_grpc

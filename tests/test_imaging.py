@@ -12,10 +12,10 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ImplicitVRLittleEndian
 
-from osteoscreen import dicom as dicom_mod
-from osteoscreen import imaging
+from osteoscreen.imaging import dicom as dicom_mod
+from osteoscreen.imaging import decode as imaging
 from osteoscreen.errors import ImageDecodeError
-from osteoscreen.imaging import decode_image, load_image, to_model_input
+from osteoscreen.imaging.decode import decode_image, load_image, to_model_input
 from tests import inputs
 from tests.inputs import BAD_INPUTS
 

@@ -8,9 +8,9 @@ import asyncio
 import numpy as np
 import pytest
 
-from osteoscreen.batching import GreedyBatcher
+from osteoscreen.serving.batching import GreedyBatcher
 from osteoscreen.errors import ImageDecodeError, OverloadedError
-from osteoscreen.inference import InferencePath, ModelInfo
+from osteoscreen.serving.inference import InferencePath, ModelInfo
 from osteoscreen.types import InferFn
 from tests.inputs import good_png
 
@@ -233,8 +233,8 @@ def test_an_unreachable_model_service_is_retryable_and_its_own_errors_are_not() 
     from bentoml.exceptions import InternalServerError
 
     from osteoscreen.errors import ModelUnavailableError
-    from osteoscreen.grpc_server import status_for
-    from osteoscreen.model_client import remote_infer
+    from osteoscreen.serving.grpc.server import status_for
+    from osteoscreen.serving.model_client import remote_infer
 
     async def refused(batch: np.ndarray) -> np.ndarray:
         raise aiohttp.ServerDisconnectedError("the model process died")

@@ -2,7 +2,7 @@
 graceful shutdown, names and labels that must agree across objects, and every metric that the autoscaler,
 prometheus-adapter, alerts and dashboard use being one the service really exports.
 
-Known metrics: the `name="..."` strings of osteoscreen/metrics.py (read as text, not imported), BentoML's
+Known metrics: the `name="..."` strings of osteoscreen/serving/metrics.py (read as text, not imported), BentoML's
 built-ins, kube_* (kube-state-metrics), DCGM_FI_* (NVIDIA DCGM exporter), container_* (cAdvisor), `up`, and
 the recording rules of k8s/monitoring/prometheusrule.yaml. Histograms add _bucket/_sum/_count.
 """
@@ -328,7 +328,7 @@ def test_gateway_route_points_at_the_grpc_port():
 
 # ============================================================================ metric names
 def exported_metrics() -> dict[str, str]:
-    """name -> type, from the text of osteoscreen/metrics.py (Counter/Gauge/Histogram(name="..."))."""
+    """name -> type, from the text of osteoscreen/serving/metrics.py (Counter/Gauge/Histogram(name="..."))."""
     text = METRICS_PY.read_text()
     found = dict((name, kind) for kind, name in re.findall(
         r"\.(Counter|Gauge|Histogram|Summary)\(\s*name=\"([a-zA-Z_:][a-zA-Z0-9_:]*)\"", text))

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from loadtest import slo
-from osteoscreen.bench_serving import build_mix, parse_mix
+from loadtest.images import build_mix, parse_mix
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -36,7 +36,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from osteoscreen.bench_serving import free_port
+from loadtest.server import free_port
 from test_loadtest import run_locust, stats_rows
 
 REPO = Path(__file__).resolve().parents[1]

@@ -32,7 +32,7 @@ from osteoscreen._generated.inference import grpc_predict_v2_pb2_grpc as v2_grpc
 from osteoscreen._generated.osteoscreen.v1 import screening_pb2 as pb
 from osteoscreen._generated.osteoscreen.v1 import screening_pb2_grpc as pb_grpc
 from osteoscreen.errors import ImageDecodeError
-from osteoscreen.imaging import load_image
+from osteoscreen.imaging.decode import load_image
 from tests.inputs import BAD_INPUTS, real_radiograph
 
 BIN = Path(sys.executable).parent

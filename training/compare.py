@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from osteoscreen.errors import WeightsError
-from osteoscreen.specs import BACKBONE_NAMES
+from osteoscreen.model.specs import BACKBONE_NAMES
 
 from training import dataset
 from training.train import evaluate_backbone, load

@@ -19,7 +19,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 from tqdm import tqdm
 
 from osteoscreen.errors import DataError, ImageDecodeError
-from osteoscreen.imaging import load_image
+from osteoscreen.imaging.decode import load_image
 from osteoscreen.types import LABELS
 
 MIN_PER_CLASS = 5

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from osteoscreen.specs import get_spec
+from osteoscreen.model.specs import get_spec
 
 from training import dataset, evaluate, fit, report
 from training.augment import augment
@@ -50,7 +50,7 @@ def evaluate_backbone(data: LoadedData, split: dataset.Split, backbone: str, ran
     """The seed's method for one backbone on a fixed split. Raises WeightsError without ImageNet weights."""
     import keras
 
-    from osteoscreen import backbones, weights
+    from osteoscreen.model import backbones, weights
 
     spec = get_spec(backbone)
     if random_weights:
@@ -114,7 +114,7 @@ def evaluate_backbone(data: LoadedData, split: dataset.Split, backbone: str, ran
 def run(data_dir: Path, backbone: str = "vgg16", reports: Path = Path("reports"), random_weights: bool = False,
         seed: int = 0, register: bool = True, augment_rounds: int = AUGMENT_ROUNDS,
         search_iterations: int = fit.SEARCH_ITERATIONS) -> str:
-    from osteoscreen import backbones, bundle
+    from osteoscreen.model import backbones, bundle
 
     started = time.perf_counter()
     data = load(data_dir)

@@ -1,7 +1,7 @@
 """The one inference path behind HTTP and both gRPC APIs.
 
 bytes -> decoded, validated 224x224 tensor (here, on the front workers' threads) -> the model service's
-`infer`, which batches the requests of every protocol and front worker (`osteoscreen.batching`) and runs
+`infer`, which batches the requests of every protocol and front worker (`osteoscreen.serving.batching`) and runs
 extractor + calibrated RF -> Prediction. Admission is bounded twice: by images waiting (`max_queue`,
 which bounds memory) and by time: a request that the images ahead of it would keep past its deadline is
 refused at once (OverloadedError -> 503 / RESOURCE_EXHAUSTED) instead of joining a queue it would time
@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from osteoscreen import metrics
+from osteoscreen.serving import metrics
 from osteoscreen.errors import ImageDecodeError, ModelUnavailableError, OverloadedError
-from osteoscreen.imaging import load_image
+from osteoscreen.imaging.decode import load_image
 from osteoscreen.types import LABELS, InferFn, Prediction
 
 # refuse when the expected wait exceeds this share of the deadline: on a busy machine the estimate runs

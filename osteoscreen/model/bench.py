@@ -34,12 +34,12 @@ def run_raw(backbone: str = "vgg16", model_tag: str | None = None, batch_sizes=(
     import os
 
     if model_tag:
-        from osteoscreen import bundle
+        from osteoscreen.model import bundle
 
         model = bundle.load(model_tag)
         fn, what = model.probabilities, f"{model.tag} (extractor + calibrated RF)"
     else:
-        from osteoscreen.backbones import build_extractor
+        from osteoscreen.model.backbones import build_extractor
 
         extractor = build_extractor(backbone)
         fn, what = extractor.predict_on_batch, f"{backbone} extractor (all candidate features)"

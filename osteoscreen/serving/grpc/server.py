@@ -26,7 +26,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
-from osteoscreen import grpc_screening, grpc_v2, metrics
+from osteoscreen.serving.grpc import screening, v2
+from osteoscreen.serving import metrics
 from osteoscreen._generated import POOL
 from osteoscreen.errors import ImageDecodeError, ModelNotFoundError, ModelUnavailableError, OverloadedError
 from osteoscreen.types import Predictor
@@ -34,12 +35,12 @@ from osteoscreen.types import Predictor
 log = logging.getLogger("osteoscreen.grpc")
 
 MiB = 1024 * 1024
-SERVED_SERVICES = (grpc_screening.SERVICE_NAME, grpc_v2.SERVICE_NAME)
+SERVED_SERVICES = (screening.SERVICE_NAME, v2.SERVICE_NAME)
 PREDICTION_METHODS = {
-    (grpc_screening.SERVICE_NAME, "Predict"),
-    (grpc_screening.SERVICE_NAME, "PredictBatch"),
-    (grpc_screening.SERVICE_NAME, "PredictStream"),
-    (grpc_v2.SERVICE_NAME, "ModelInfer"),
+    (screening.SERVICE_NAME, "Predict"),
+    (screening.SERVICE_NAME, "PredictBatch"),
+    (screening.SERVICE_NAME, "PredictStream"),
+    (v2.SERVICE_NAME, "ModelInfer"),
 }
 REJECTION_REASONS = {
     grpc.StatusCode.INVALID_ARGUMENT: "invalid_input",
@@ -243,8 +244,8 @@ class GrpcServer:
             interceptors=[self._guard], options=options,
             maximum_concurrent_rpcs=s.max_concurrent + CONTROL_HEADROOM,
         )
-        grpc_screening.pb_grpc.add_ScreeningServicer_to_server(grpc_screening.ScreeningServicer(self.predictor), server)
-        grpc_v2.pb_grpc.add_GRPCInferenceServiceServicer_to_server(grpc_v2.InferenceServicer(self.predictor), server)
+        screening.pb_grpc.add_ScreeningServicer_to_server(screening.ScreeningServicer(self.predictor), server)
+        v2.pb_grpc.add_GRPCInferenceServiceServicer_to_server(v2.InferenceServicer(self.predictor), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         _register_in_pool(health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR)
         names = (*SERVED_SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME)

@@ -1,6 +1,6 @@
 """DICOM bytes -> 2-D float32 image in [0, 1], display convention (bone bright).
 
-The DICOM half of `osteoscreen.imaging`: that module sniffs the format, enforces the byte limit and
+The DICOM half of `osteoscreen.imaging.decode`: that module sniffs the format, enforces the byte limit and
 calls `decode_dicom`. Everything a DICOM file can get wrong is turned into an `ImageDecodeError`
 whose message is safe to show a remote client; the original exception is chained for the logs.
 
@@ -43,8 +43,8 @@ from pydicom.uid import (
     JPEGTransferSyntaxes,
 )
 
-from .errors import ImageDecodeError
-from .limits import check_dimensions
+from osteoscreen.errors import ImageDecodeError
+from osteoscreen.imaging.limits import check_dimensions
 
 __all__ = [
     "COLOR_INTERPRETATIONS",
@@ -299,7 +299,7 @@ JPEG_SOF_MARKERS = (frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}) | {0xF7}
 def jpeg_frame_header(data: bytes) -> tuple[int, int, int, int]:
     """(SOF marker, sample precision, width, height) of a JPEG or JPEG-LS codestream starting with
     SOI, walking the marker segments up to the first scan. Also used for plain JPEG files by
-    `osteoscreen.imaging`. Exactly one frame header is allowed: a second one could make the decoder
+    `osteoscreen.imaging.decode`. Exactly one frame header is allowed: a second one could make the decoder
     allocate for a size nobody checked. Raises ValueError('truncated' | a reason) otherwise."""
     pos, end_of_data = 2, len(data)
     frame: tuple[int, int, int, int] | None = None
