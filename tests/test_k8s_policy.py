@@ -28,7 +28,7 @@ JOB = "osteoscreen"
 ADAPTER_VALUES = K8S / "autoscaling" / "prometheus-adapter" / "values.yaml"
 DASHBOARD = K8S / "monitoring" / "dashboards" / "osteoscreen.json"
 RULES = K8S / "monitoring" / "prometheusrule.yaml"
-METRICS_PY = REPO / "osteoscreen" / "metrics.py"
+METRICS_PY = REPO / "osteoscreen" / "serving" / "metrics.py"
 
 
 def deployment(docs):
