@@ -149,3 +149,22 @@ def test_results_round_trip_through_a_real_pacs(server, orthanc, registered_mode
     log = server.log_path.read_text()
     for secret in (PATIENT_ID, PATIENT_NAME.split("^")[0], PATIENT_NAME.split("^")[1]):
         assert secret not in log and secret not in metrics and secret not in cli.stderr
+
+
+def test_local_predict_writes_valid_dicom_results(registered_model, tmp_path):
+    """`osteoscreen predict FILE.dcm --dicom-out DIR` without a server: the registered bundle, its model card's
+    provenance (the phantom: not for clinical use), an SR per DICOM file; a PNG is refused, the rest still run."""
+    (tmp_path / "rg1.dcm").write_bytes(source("RG1_J2KR"))
+    (tmp_path / "spine.png").write_bytes(good_png())
+    cli = subprocess.run([str(BIN / "osteoscreen"), "predict", str(tmp_path / "spine.png"), str(tmp_path / "rg1.dcm"),
+                          "--dicom-out", str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=600, env={**os.environ, **registered_model["env"]})
+    assert cli.returncode == 1, cli.stderr  # the PNG failed, the DICOM file did not
+    assert "spine.png: error: DICOM results need a DICOM input" in cli.stderr
+    (line,) = [json.loads(text) for text in cli.stdout.splitlines() if text.startswith("{")]
+    (written,) = line["dicom"]
+    assert dciodvfy_errors(Path(written).read_bytes(), tmp_path) == []
+    back = reader.read(Path(written).read_bytes())
+    assert back.probability == pytest.approx(line["probability"], abs=1e-6)
+    assert back.algorithm_version == line["model"] and sr.NOT_CLINICAL in back.cautions
+    assert PATIENT_ID not in cli.stderr + cli.stdout

@@ -152,8 +152,10 @@ class FixedModel:
 
     def __init__(self, probability: float) -> None:
         self.probability = probability
+        self.calls = 0
 
     async def __call__(self, images: np.ndarray) -> np.ndarray:
+        self.calls += 1
         n = len(images)
         return np.stack([np.full(n, self.probability), np.full(n, 0.01 * n), np.full(n, n)], axis=1)
 
@@ -163,6 +165,17 @@ def path() -> InferencePath:
     inference = InferencePath(FixedModel(0.625))
     inference.set_model(INFO)
     return inference
+
+
+def test_a_non_dicom_input_asking_for_results_never_reaches_the_model():
+    model = FixedModel(0.5)
+    inference = InferencePath(model)
+    inference.set_model(INFO)
+    with pytest.raises(DicomResultsError, match="image 1: DICOM results need a DICOM input"):
+        asyncio.run(inference.predict([source(), good_png()], dicom=[True, True]))
+    assert model.calls == 0 and inference.queued == 0
+    (answered,) = asyncio.run(inference.predict([source()], dicom=[True]))
+    assert model.calls == 1 and reader.read(answered.dicom.sr).probability == pytest.approx(0.5)
 
 
 @pytest.fixture
@@ -272,3 +285,11 @@ def test_http_answers_application_dicom_when_accepted(path):
     assert missing.status_code == 400 and "StudyInstanceUID" in missing.json()["error"]
     assert PATIENT_ID not in missing.text
     assert client.post("/predict", content=data).status_code == 200  # still serving
+
+
+def test_bench_notes_the_sr_build_time():
+    from loadtest import dicom_sr
+
+    result = dicom_sr.measure(repeats=1)
+    assert result["builds"] == len(dicom_sr.SOURCES) and 0 < result["cpu_median_ms"] and 0 < result["median_ms"]
+    assert f"goal < {dicom_sr.GOAL_MS:.0f} ms" in dicom_sr.note(result)
