@@ -91,6 +91,12 @@ def test_sr_of_a_real_radiograph_is_valid_and_reads_back(name, tmp_path):
     assert evidence.ReferencedSeriesSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
     assert [s.CodingSchemeDesignator for s in doc.CodingSchemeIdentificationSequence] == ["99OSTEO"]
 
+    # dcmtk's SR reader (a second implementation no one here wrote) parses the tree and shows the finding
+    dump = subprocess.run(["dsrdump", str(tmp_path / "check.dcm")], capture_output=True, text=True, timeout=60)
+    assert dump.returncode == 0 and "Present" in dump.stdout and "Probability of osteoporosis" in dump.stdout, \
+        dump.stdout + dump.stderr
+    assert "E:" not in dump.stderr and "W:" not in dump.stderr, dump.stderr
+
     back = reader.read(results.sr)
     assert back.probability == pytest.approx(0.731234, abs=1e-9) and back.threshold == pytest.approx(0.316)
     assert back.osteoporosis_present and back.algorithm_version == "osteoscreen:t13version"

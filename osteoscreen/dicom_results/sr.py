@@ -11,7 +11,8 @@ What a PACS viewer shows, top down (README "Integrating with a PACS" has the tab
       says real radiographs trained it, "not for clinical use"
 The document copies patient and study identification from the source, so the PACS files it in the same
 study, in a new series with our manufacturer, model and version, and Contributing Equipment names the
-algorithm (IHE AIR). Nothing here logs, and errors never quote an input value: the source is patient data.
+algorithm (IHE AIR). Logs name exception types only, and errors never quote an input value: the source is
+patient data.
 """
 
 from __future__ import annotations

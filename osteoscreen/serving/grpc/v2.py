@@ -2,10 +2,10 @@
 
 One model, `osteoporosis`: input `image` (BYTES, [N], one encoded file per element), outputs `probability`
 (FP32, [N]) and `label` (BYTES, [N]), plus `dicom_sr` (BYTES, [N], a DICOM SR file per image) when the
-request parameter `dicom_results` is true or the output is named. Inputs may come in `contents.bytes_contents` or in `raw_input_contents`
-(per element a 4-byte little-endian length, then the bytes); answers use the same form as the request,
-because tritonclient reads only raw outputs for FP32. Protocol mistakes are answered here with
-INVALID_ARGUMENT / NOT_FOUND; domain errors propagate to the interceptor in `grpc_server`.
+request parameter `dicom_results` is true or the output is named. Inputs may come in `contents.bytes_contents`
+or in `raw_input_contents` (per element a 4-byte little-endian length, then the bytes); answers use the same
+form as the request, because tritonclient reads only raw outputs for FP32. Protocol mistakes are answered
+here with INVALID_ARGUMENT / NOT_FOUND; domain errors propagate to the interceptor in `grpc_server`.
 """
 
 from __future__ import annotations
