@@ -42,8 +42,10 @@ serve: model
 	$(BIN)/bentoml serve service:Screening --port 3000
 
 # System tools the tests use: Debian's prometheus (prometheus and promtool); kubectl comes from PyPI.
+# DICOM results: dicom3tools (dciodvfy), dcmtk (dsrdump), orthanc + orthanc-dicomweb (a real PACS).
 tools:
 	@command -v promtool >/dev/null && command -v prometheus >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+	@command -v dciodvfy >/dev/null && command -v dsrdump >/dev/null && command -v Orthanc >/dev/null && test -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends dicom3tools dcmtk orthanc orthanc-dicomweb >/dev/null; }
 
 test: install tools
 	$(BIN)/python -m pytest

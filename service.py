@@ -69,7 +69,10 @@ class Model:
     @bentoml.api
     def info(self) -> dict:
         b = self.bundle
-        return {"name": b.name, "version": b.version, "backbone": b.backbone, "threshold": b.threshold}
+        from osteoscreen.dicom_results.sr import is_clinical
+
+        return {"name": b.name, "version": b.version, "backbone": b.backbone, "threshold": b.threshold,
+                "clinical": is_clinical(b.metadata)}
 
 
 http_app = http.create_app()

@@ -57,6 +57,7 @@ from loadtest.images import DEFAULT_MIX, build_mix
 from loadtest.measure import closed_loop
 from loadtest.overload import run_overload
 from loadtest.raw import RawWorker
+from loadtest import dicom_sr
 from loadtest.server import REPO, ServerProcess, machine
 
 
@@ -91,6 +92,8 @@ def bench_report(result: dict) -> str:
     for t in result["targets"]:
         lines.append(f"| {t['target']} | {t['protocol']} | {_fmt(t['measured'], '.3g')} | {t['goal']} | "
                      f"{'yes' if t['met'] else 'no'} |")
+    if result.get("dicom_sr"):
+        lines += ["", dicom_sr.note(result["dicom_sr"])]
     lines += ["", f"Raw yardstick next to each block (server idle; batch 1 / batch {raw['best_batch']} images/s): "
               + "; ".join(f"{cp['when']}: " + " / ".join(f"{r['images_per_s']:.2f}" for r in cp["results"])
                           for cp in raw["checkpoints"])]
@@ -201,6 +204,7 @@ def run_bench(args: argparse.Namespace) -> int:
                                        "each level, right before and after that level's block while the server "
                                        "is idle; ratio_to_raw uses the mean of those two, ratio_to_raw_best the "
                                        "best raw rate of the whole run"}}
+    result["dicom_sr"] = dicom_sr.measure()
     (out / "bench_serving.json").write_text(json.dumps(result, indent=2))
     report = bench_report(result)
     (out / "bench_serving.md").write_text(report + "\n")

@@ -57,7 +57,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 def _cmd_predict(args: argparse.Namespace) -> int:
     from osteoscreen import predict
 
-    return predict.run(args.files, model_tag=args.model, server=args.server, tls=args.tls)
+    return predict.run(args.files, model_tag=args.model, server=args.server, tls=args.tls, dicom_out=args.dicom_out)
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -111,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="model tag (default: the latest registered)")
     p.add_argument("--server", default=None, help="HOST:PORT of a running OsteoScreen gRPC server")
     p.add_argument("--tls", action="store_true", help="use TLS to reach --server")
+    p.add_argument("--dicom-out", type=Path, default=None, metavar="DIR",
+                   help="DICOM inputs only: also write the DICOM results a PACS stores (the SR) into DIR")
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("bench", help="raw model throughput (images/s) at several batch sizes, as JSON")

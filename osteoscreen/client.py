@@ -23,7 +23,7 @@ from typing import IO, Union
 import grpc
 
 from osteoscreen import codegen
-from osteoscreen.types import Prediction
+from osteoscreen.types import DicomResults, Prediction
 
 codegen.ensure_stubs()
 from osteoscreen._generated.osteoscreen.v1 import screening_pb2 as pb  # noqa: E402
@@ -64,6 +64,8 @@ def _to_result(response: pb.PredictResponse) -> RemotePrediction:
     return RemotePrediction(
         probability=response.probability, label=response.label, threshold=response.threshold,
         model=response.model_name, version=response.model_version, request_id=response.request_id,
+        dicom=DicomResults(response.dicom_sr, response.dicom_sr_sop_instance_uid, tuple(response.dicom_images))
+        if response.dicom_sr else None,
     )
 
 
@@ -113,14 +115,19 @@ class ScreeningClient:
         grpc.channel_ready_future(self._channel).result(timeout=timeout)
 
     @staticmethod
-    def request(image: ImageSource, request_id: str | None = None, format: str | None = None) -> pb.PredictRequest:
-        return pb.PredictRequest(image=_read_image(image), format=format or "", request_id=request_id or "")
+    def request(image: ImageSource, request_id: str | None = None, format: str | None = None,
+                dicom_results: bool = False) -> pb.PredictRequest:
+        return pb.PredictRequest(image=_read_image(image), format=format or "", request_id=request_id or "",
+                                 dicom_results=dicom_results)
 
     def predict(
-        self, image: ImageSource, request_id: str | None = None, format: str | None = None, timeout: float | None = None
+        self, image: ImageSource, request_id: str | None = None, format: str | None = None, timeout: float | None = None,
+        dicom_results: bool = False,
     ) -> RemotePrediction:
-        """Screen one image (bytes of an encoded file, or a path)."""
-        response = self._stub.Predict(self.request(image, request_id, format), timeout=timeout or self.timeout)
+        """Screen one image (bytes of an encoded file, or a path). `dicom_results=True` (DICOM input only) also
+        returns the DICOM SR a PACS stores, in `.dicom`."""
+        request = self.request(image, request_id, format, dicom_results)
+        response = self._stub.Predict(request, timeout=timeout or self.timeout)
         return _to_result(response)
 
     def predict_many(
@@ -166,10 +173,12 @@ def predict_files_remote(
     window: int = 8,
     out: IO[str] | None = None,
     err: IO[str] | None = None,
+    dicom_out: Path | None = None,
 ) -> int:
     """`osteoscreen predict --server HOST:PORT FILE...`: one JSON line per file on stdout, in order, shaped
     like the local `osteoscreen predict` (path, probability, label, threshold, model tag "name:version");
     an unreadable or rejected file gets one line on stderr and the others are still predicted.
+    With `dicom_out`, each file also gets its DICOM results written there (their paths in the line's "dicom").
     Returns 0 when every file was predicted, 1 when some failed, 2 when the server is unreachable."""
     out, err = out or sys.stdout, err or sys.stderr
     with ScreeningClient(server, tls=tls, root_certificates=root_certificates, timeout=timeout) as client:
@@ -183,7 +192,7 @@ def predict_files_remote(
             calls = []
             for path in paths[start : start + window]:
                 try:
-                    request = client.request(Path(path), request_id=str(path))
+                    request = client.request(Path(path), request_id=str(path), dicom_results=dicom_out is not None)
                 except OSError as exc:
                     calls.append((path, exc))
                     continue
@@ -201,5 +210,9 @@ def predict_files_remote(
                 else:
                     line = {"path": str(path), "probability": round(r.probability, 6), "label": r.label,
                             "threshold": round(r.threshold, 6), "model": f"{r.model_name}:{r.model_version}"}
+                    if dicom_out is not None:
+                        from osteoscreen.dicom_results import files
+
+                        line["dicom"] = [str(p) for p in files.write(_to_result(r).dicom, dicom_out)]
                     print(json.dumps(line), file=out, flush=True)
     return 1 if failed else 0

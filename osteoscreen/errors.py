@@ -29,3 +29,9 @@ class OverloadedError(OsteoScreenError):
 class ModelUnavailableError(OsteoScreenError):
     """The model service is loading, restarting or unreachable; the caller should retry, here or on another
     replica (gRPC UNAVAILABLE, HTTP 503)."""
+
+
+class DicomResultsError(ImageDecodeError):
+    """DICOM results were asked for an input that cannot carry them (not DICOM, or lacking the study and
+    instance identifiers a PACS files results by): HTTP 400 / gRPC INVALID_ARGUMENT. Its message never
+    quotes a value from the input, which may be patient data."""

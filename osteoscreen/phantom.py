@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import os
 import shutil
@@ -65,6 +66,8 @@ THRESHOLD = -2.5  # WHO: osteoporosis when T <= -2.5
 LABELS = ("normal", "osteoporosis")
 MANIFEST = "manifest.csv"
 MANIFEST_HEADER = ("path", "label", "patient_id", "t_score")
+# Written beside the manifest: a model trained on this folder is a demo, and its DICOM results say so.
+PROVENANCE = "phantom.json"
 
 
 @dataclass(frozen=True)
@@ -606,6 +609,14 @@ def render_sample(t_score: float, seed: int = 0, config: PhantomConfig = DEFAULT
     return _view_sample(_patient(seed, 0, cfg), seed, 0, 1, cfg, with_mask=True)
 
 
+def is_phantom_set(folder: Path) -> bool:
+    """Whether `osteoscreen synth` wrote this data folder (its provenance file says so)."""
+    try:
+        return bool(json.loads((Path(folder) / PROVENANCE).read_text()).get("synthetic"))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def _check_target(out: Path) -> None:
     """Refuse any folder where writing could overwrite or mix with existing data."""
     if out.exists() and not out.is_dir():
@@ -654,6 +665,7 @@ def generate_dataset(out: Path, n: int, seed: int = 0, config: PhantomConfig = D
             os.replace(f, out / label / f.name)
     shutil.rmtree(staging)
 
+    (out / PROVENANCE).write_text(json.dumps({"generator": "osteoscreen synth", "synthetic": True, "n": n, "seed": seed}))
     manifest = out / MANIFEST
     tmp = out / (MANIFEST + ".tmp")
     with tmp.open("w", newline="") as fh:

@@ -16,12 +16,22 @@ InferFn = Callable[[np.ndarray], Awaitable[np.ndarray]]
 
 
 @dataclass(frozen=True)
+class DicomResults:
+    """What a PACS stores for one DICOM input: the structured report and the result images it references."""
+
+    sr: bytes  # a DICOM Part 10 Comprehensive 3D SR (TID 1500), in the source image's study
+    sr_sop_instance_uid: str
+    images: tuple[bytes, ...] = ()  # result images (e.g. the explanation overlay), each DICOM Part 10
+
+
+@dataclass(frozen=True)
 class Prediction:
     probability: float  # calibrated probability of osteoporosis
     label: str  # "osteoporosis" when probability >= threshold, else "normal"
     threshold: float  # the operating threshold chosen at training time
     model: str  # model name in the BentoML store
     version: str  # model version (BentoML tag version)
+    dicom: DicomResults | None = None  # only when the caller asked for DICOM results
 
 
 class Predictor(Protocol):
@@ -31,7 +41,9 @@ class Predictor(Protocol):
     `errors.ImageDecodeError` (message names the offending index) when any input is unusable,
     `errors.OverloadedError` when the queue is full or would keep the request past `timeout`,
     `errors.ModelUnavailableError` when the model cannot be reached, and `TimeoutError` when `timeout`
-    seconds pass (or could not suffice even on an idle server).
+    seconds pass (or could not suffice even on an idle server). `dicom[i]` asks for DICOM results of image
+    i (`Prediction.dicom`); an image that cannot carry them raises `errors.DicomResultsError` before any
+    model work.
     """
 
     model_name: str
@@ -41,5 +53,6 @@ class Predictor(Protocol):
     def is_ready(self) -> bool: ...
 
     async def predict(
-        self, images: Sequence[bytes], format_hints: Sequence[str | None] | None = None, timeout: float | None = None
+        self, images: Sequence[bytes], format_hints: Sequence[str | None] | None = None, timeout: float | None = None,
+        dicom: Sequence[bool] | None = None,
     ) -> list[Prediction]: ...

@@ -19,6 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 RULES: dict[str, tuple[str, ...]] = {
     "osteoscreen.imaging": ("osteoscreen.serving", "tensorflow", "keras", "training"),
     "osteoscreen.model": ("osteoscreen.serving", "training"),
+    "osteoscreen.dicom_results": ("osteoscreen.serving", "osteoscreen.model", "tensorflow", "keras", "training"),
     "osteoscreen.serving": ("tensorflow", "keras", "osteoscreen.model", "training"),
     "training": ("osteoscreen.serving",),
 }

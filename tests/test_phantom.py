@@ -41,7 +41,8 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path):
     b = _digest(phantom.generate_dataset(tmp_path / "b", n=5, seed=7).parent)
     c = _digest(phantom.generate_dataset(tmp_path / "c", n=5, seed=8).parent)
     assert a == b
-    assert len(a) == 6  # five images and the manifest
+    assert len(a) == 7  # five images, the manifest and phantom.json (the provenance a model card records)
+    assert phantom.is_phantom_set(tmp_path / "a") and not phantom.is_phantom_set(tmp_path)
     pngs = lambda d: {h for name, h in d.items() if name.endswith(".png")}  # noqa: E731
     assert not pngs(a) & pngs(c)
 

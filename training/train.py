@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from osteoscreen import phantom
 from osteoscreen.model.specs import get_spec
 
 from training import dataset, evaluate, fit, report
@@ -137,6 +138,7 @@ def run(data_dir: Path, backbone: str = "vgg16", reports: Path = Path("reports")
     served = backbones.extractor_from(outcome.reference, get_spec(backbone), outcome.fitted.features)
     model = bundle.ModelBundle(served, outcome.fitted.model, outcome.fitted.features, metrics["threshold"], backbone,
                                metadata={"metrics": metrics, "input_size": 224, "class_names": ["normal", "osteoporosis"],
+                                         "training_data": {"synthetic": phantom.is_phantom_set(data_dir)},
                                          "training": {"seed": seed, "augment_rounds": augment_rounds,
                                                       "search_iterations": search_iterations,
                                                       "data_dir": str(data_dir)}})

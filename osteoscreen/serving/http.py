@@ -1,5 +1,6 @@
 """`POST /predict` over HTTP: the image as multipart field `image` or as the raw request body; the optional
-header `X-Request-Timeout` (seconds, default and cap 60) is the caller's deadline.
+header `X-Request-Timeout` (seconds, default and cap 60) is the caller's deadline. With `Accept:
+application/dicom` (DICOM input only) the answer is the DICOM SR file a PACS stores, the result in headers.
 
 A small Starlette app mounted into the BentoML service, rather than a `@bentoml.api`, because the
 contract takes both body forms and must answer bad input with a plain 400 and its reason; BentoML's
@@ -12,13 +13,13 @@ import time
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from osteoscreen.serving import metrics
 from osteoscreen.errors import ImageDecodeError, ModelUnavailableError, OverloadedError
 from osteoscreen.imaging.decode import MAX_BYTES
-from osteoscreen.types import Predictor
+from osteoscreen.types import Prediction, Predictor
 
 REQUEST_TIMEOUT_S = 60.0
 # The caller's deadline in seconds, like gRPC's: a request the queue ahead would keep past it is refused at once.
@@ -59,12 +60,34 @@ def _timeout(request: Request) -> float | None:
     return min(value, REQUEST_TIMEOUT_S) if value > 0 else None
 
 
+def _wants_dicom(request: Request) -> bool:
+    """`Accept: application/dicom` (with q > 0) asks for the DICOM SR instead of JSON."""
+    for media_range in request.headers.get("accept", "").split(","):
+        media_type, *params = (part.strip().lower() for part in media_range.split(";"))
+        if media_type == "application/dicom":
+            return not any(p.replace(" ", "") in ("q=0", "q=0.0", "q=0.00", "q=0.000") for p in params)
+    return False
+
+
+def _dicom_response(prediction: Prediction) -> Response:
+    """The SR as the body (result images, once there are any, travel over gRPC); the result in headers too, so
+    a caller need not parse DICOM to route it."""
+    assert prediction.dicom is not None
+    return Response(prediction.dicom.sr, media_type="application/dicom", headers={
+        "X-OsteoScreen-Probability": f"{prediction.probability:.6f}",
+        "X-OsteoScreen-Label": prediction.label,
+        "X-OsteoScreen-Threshold": f"{prediction.threshold:.6f}",
+        "X-OsteoScreen-Model": f"{prediction.model}:{prediction.version}",
+        "X-OsteoScreen-SR-Instance-UID": prediction.dicom.sr_sop_instance_uid,
+    })
+
+
 def _hint(content_type: str | None) -> str | None:
     subtype = (content_type or "").split(";")[0].strip().lower()
     return {"image/png": "png", "image/jpeg": "jpeg", "application/dicom": "dicom"}.get(subtype)
 
 
-async def predict(request: Request) -> JSONResponse:
+async def predict(request: Request) -> Response:
     predictor: Predictor | None = request.app.state.predictor
     if predictor is None:
         return _error(503, "the server is starting; retry shortly", "unavailable")
@@ -75,7 +98,11 @@ async def predict(request: Request) -> JSONResponse:
     metrics.INFLIGHT.labels(protocol="http").inc()
     try:
         data, hint = await _read_image(request)
-        prediction = (await predictor.predict([data], [hint], timeout=timeout))[0]
+        dicom = _wants_dicom(request)
+        if dicom:
+            prediction = (await predictor.predict([data], [hint], timeout=timeout, dicom=[True]))[0]
+        else:
+            prediction = (await predictor.predict([data], [hint], timeout=timeout))[0]
     except ImageDecodeError as exc:
         return _error(400, str(exc), "invalid_input")
     except OverloadedError as exc:
@@ -87,6 +114,8 @@ async def predict(request: Request) -> JSONResponse:
     finally:
         metrics.INFLIGHT.labels(protocol="http").dec()
         metrics.REQUEST_DURATION.labels(protocol="http", api="predict").observe(time.perf_counter() - started)
+    if dicom:
+        return _dicom_response(prediction)
     return JSONResponse({
         "probability": prediction.probability,
         "label": prediction.label,

@@ -11,6 +11,7 @@ out in. The model's speed comes with its answers, so the estimate follows the ha
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import time
 from collections.abc import Sequence
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from osteoscreen.dicom_results import sr
 from osteoscreen.serving import metrics
 from osteoscreen.errors import ImageDecodeError, ModelUnavailableError, OverloadedError
 from osteoscreen.imaging.decode import load_image
@@ -37,6 +39,7 @@ class ModelInfo:
     version: str
     backbone: str
     threshold: float
+    clinical: bool = False  # the model card records real (not phantom) training data; only then no "not for clinical use"
 
 
 class InferencePath:
@@ -69,7 +72,7 @@ class InferencePath:
         return self._info.backbone if self._info else ""
 
     async def predict(self, images: Sequence[bytes], format_hints: Sequence[str | None] | None = None,
-                      timeout: float | None = None) -> list[Prediction]:
+                      timeout: float | None = None, dicom: Sequence[bool] | None = None) -> list[Prediction]:
         info = self._info
         if info is None:
             raise ModelUnavailableError("the model is still loading; retry shortly")
@@ -78,6 +81,9 @@ class InferencePath:
         hints = list(format_hints) if format_hints is not None else [None] * len(images)
         if len(hints) != len(images):
             raise ImageDecodeError(f"{len(hints)} format hints for {len(images)} images")
+        wants_dicom = list(dicom) if dicom is not None else [False] * len(images)
+        for i in (i for i, wanted in enumerate(wants_dicom) if wanted):  # refused before it takes a queue place
+            _indexed(len(images), i, sr.require_dicom, images[i], hints[i])
         self._admit(len(images), timeout)
         self.queued += len(images)
         try:
@@ -96,7 +102,24 @@ class InferencePath:
             metrics.PREDICTIONS.labels(label=label).inc()
             metrics.PROBABILITY.observe(probability)
             predictions.append(Prediction(probability, label, info.threshold, info.name, info.version))
+        if any(wants_dicom):
+            predictions = await self._with_dicom(images, hints, predictions, wants_dicom, info)
         return predictions
+
+    @staticmethod
+    async def _with_dicom(images: Sequence[bytes], hints: list[str | None], predictions: list[Prediction],
+                          wants: list[bool], info: ModelInfo) -> list[Prediction]:
+        """Attach DICOM results (an SR per asking image), built on threads: pydicom/highdicom are pure Python."""
+        algorithm = sr.Algorithm(info.name, info.version, info.backbone, info.clinical)
+
+        async def one(i: int) -> Prediction:
+            if not wants[i]:
+                return predictions[i]
+            results = await asyncio.to_thread(_indexed, len(images), i, sr.to_results, images[i], predictions[i],
+                                              algorithm, hints[i])
+            return dataclasses.replace(predictions[i], dicom=results)
+
+        return list(await asyncio.gather(*(one(i) for i in range(len(images)))))
 
     def _admit(self, n: int, timeout: float | None) -> None:
         if self.queued + n > self.max_queue:
@@ -126,3 +149,13 @@ class InferencePath:
                 raise ImageDecodeError(f"image {index}: {exc}" if len(images) > 1 else str(exc)) from None
 
         return np.stack(await asyncio.gather(*(one(i) for i in range(len(images)))))
+
+
+def _indexed(count: int, index: int, fn, *args):
+    """Call fn; an input error names the image's index when the request holds several."""
+    try:
+        return fn(*args)
+    except ImageDecodeError as exc:
+        if count == 1:
+            raise
+        raise type(exc)(f"image {index}: {exc}") from None

@@ -25,7 +25,8 @@ STREAM_WINDOW = 16  # requests of one PredictStream processed at once (bounded, 
 
 
 async def predict_in_context(
-    predictor: Predictor, images: Sequence[bytes], hints: Sequence[str | None] | None, context: grpc.aio.ServicerContext
+    predictor: Predictor, images: Sequence[bytes], hints: Sequence[str | None] | None, context: grpc.aio.ServicerContext,
+    dicom: Sequence[bool] | None = None,
 ) -> list[Prediction]:
     """Call the one inference path with the caller's remaining deadline as its timeout.
 
@@ -35,7 +36,9 @@ async def predict_in_context(
     if remaining is not None and remaining <= 0:
         raise TimeoutError("the deadline passed before the request could be queued")
     async with asyncio.timeout(remaining):
-        return await predictor.predict(images, hints, timeout=remaining)
+        if dicom is None:  # plain calls stay plain, so predictors written before DICOM results keep working
+            return await predictor.predict(images, hints, timeout=remaining)
+        return await predictor.predict(images, hints, timeout=remaining, dicom=dicom)
 
 
 def format_hint(value: str) -> str | None:
@@ -49,6 +52,7 @@ def format_hint(value: str) -> str | None:
 
 
 def to_response(prediction: Prediction, request_id: str) -> pb.PredictResponse:
+    dicom = prediction.dicom
     return pb.PredictResponse(
         probability=prediction.probability,
         label=prediction.label,
@@ -56,7 +60,15 @@ def to_response(prediction: Prediction, request_id: str) -> pb.PredictResponse:
         model_name=prediction.model,
         model_version=prediction.version,
         request_id=request_id,
+        dicom_sr=dicom.sr if dicom else b"",
+        dicom_images=list(dicom.images) if dicom else [],
+        dicom_sr_sop_instance_uid=dicom.sr_sop_instance_uid if dicom else "",
     )
+
+
+def _dicom(requests: Sequence[pb.PredictRequest]) -> list[bool] | None:
+    wanted = [r.dicom_results for r in requests]
+    return wanted if any(wanted) else None
 
 
 def _check(requests: Sequence[pb.PredictRequest]) -> list[str | None] | None:
@@ -77,7 +89,7 @@ class ScreeningServicer(pb_grpc.ScreeningServicer):
 
     async def Predict(self, request: pb.PredictRequest, context: grpc.aio.ServicerContext) -> pb.PredictResponse:
         hints = _check([request])
-        (prediction,) = await predict_in_context(self._predictor, [request.image], hints, context)
+        (prediction,) = await predict_in_context(self._predictor, [request.image], hints, context, _dicom([request]))
         return to_response(prediction, request.request_id)
 
     async def PredictBatch(
@@ -87,7 +99,8 @@ class ScreeningServicer(pb_grpc.ScreeningServicer):
         if not requests:
             return pb.PredictBatchResponse()
         hints = _check(requests)
-        predictions = await predict_in_context(self._predictor, [r.image for r in requests], hints, context)
+        predictions = await predict_in_context(self._predictor, [r.image for r in requests], hints, context,
+                                               _dicom(requests))
         return pb.PredictBatchResponse(
             responses=[to_response(p, r.request_id) for p, r in zip(predictions, requests, strict=True)]
         )

@@ -1,10 +1,11 @@
 """`inference.GRPCInferenceService` (KServe/Triton Open Inference Protocol v2) over `Predictor.predict`.
 
 One model, `osteoporosis`: input `image` (BYTES, [N], one encoded file per element), outputs `probability`
-(FP32, [N]) and `label` (BYTES, [N]). Inputs may come in `contents.bytes_contents` or in `raw_input_contents`
-(per element a 4-byte little-endian length, then the bytes); answers use the same form as the request,
-because tritonclient reads only raw outputs for FP32. Protocol mistakes are answered here with
-INVALID_ARGUMENT / NOT_FOUND; domain errors propagate to the interceptor in `grpc_server`.
+(FP32, [N]) and `label` (BYTES, [N]), plus `dicom_sr` (BYTES, [N], a DICOM SR file per image) when the
+request parameter `dicom_results` is true or the output is named. Inputs may come in `contents.bytes_contents`
+or in `raw_input_contents` (per element a 4-byte little-endian length, then the bytes); answers use the same
+form as the request, because tritonclient reads only raw outputs for FP32. Protocol mistakes are answered
+here with INVALID_ARGUMENT / NOT_FOUND; domain errors propagate to the interceptor in `grpc_server`.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ SERVER_NAME = "osteoscreen"
 MODEL_NAME = "osteoporosis"
 INPUT_NAME = "image"
 OUTPUTS = {"probability": "FP32", "label": "BYTES"}
+# DICOM results, on request only: parameter `dicom_results` (bool) or naming the output; one SR file per image.
+DICOM_PARAMETER = "dicom_results"
+DICOM_OUTPUT = "dicom_sr"
 _LENGTH = struct.Struct("<I")
 Context = grpc.aio.ServicerContext
 _TYPED_FIELDS = ("bool_contents", "int_contents", "int64_contents", "uint_contents", "uint64_contents",
@@ -89,11 +93,22 @@ def read_images(request: pb.ModelInferRequest) -> tuple[list[bytes], bool]:
     return images, False
 
 
-def requested_outputs(request: pb.ModelInferRequest) -> list[str]:
-    names = [o.name for o in request.outputs] or list(OUTPUTS)
-    unknown = [n for n in names if n not in OUTPUTS]
+def wants_dicom(request: pb.ModelInferRequest) -> bool:
+    """The request parameter `dicom_results` (bool), or `dicom_sr` among the requested outputs."""
+    if DICOM_PARAMETER in request.parameters:
+        parameter = request.parameters[DICOM_PARAMETER]
+        if parameter.WhichOneof("parameter_choice") != "bool_param":
+            raise InvalidTensor(f"parameter {DICOM_PARAMETER!r} must be a bool_param")
+        if parameter.bool_param:
+            return True
+    return any(o.name == DICOM_OUTPUT for o in request.outputs)
+
+
+def requested_outputs(request: pb.ModelInferRequest, dicom: bool = False) -> list[str]:
+    names = [o.name for o in request.outputs] or [*OUTPUTS, *([DICOM_OUTPUT] if dicom else [])]
+    unknown = [n for n in names if n not in OUTPUTS and n != DICOM_OUTPUT]
     if unknown:
-        raise InvalidTensor(f"unknown output(s) {unknown}; model {MODEL_NAME!r} has {list(OUTPUTS)}")
+        raise InvalidTensor(f"unknown output(s) {unknown}; model {MODEL_NAME!r} has {[*OUTPUTS, DICOM_OUTPUT]}")
     return names
 
 
@@ -103,10 +118,11 @@ def build_response(
     values = {
         "probability": np.array([p.probability for p in predictions], dtype="<f4"),
         "label": [p.label.encode() for p in predictions],
+        DICOM_OUTPUT: [p.dicom.sr if p.dicom else b"" for p in predictions],
     }
     response = pb.ModelInferResponse(model_name=MODEL_NAME, model_version=version, id=request.id)
     for name in outputs:
-        tensor = response.outputs.add(name=name, datatype=OUTPUTS[name], shape=[len(predictions)])
+        tensor = response.outputs.add(name=name, datatype=OUTPUTS.get(name, "BYTES"), shape=[len(predictions)])
         data = values[name]
         if raw:
             response.raw_output_contents.append(data.tobytes() if name == "probability" else encode_raw_bytes(data))
@@ -164,8 +180,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         await self._check_model(request.model_name, request.model_version, context)
         try:
             images, raw = read_images(request)
-            outputs = requested_outputs(request)
+            dicom = wants_dicom(request)
+            outputs = requested_outputs(request, dicom)
         except InvalidTensor as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        predictions = await predict_in_context(self._predictor, images, None, context)
+        predictions = await predict_in_context(self._predictor, images, None, context,
+                                               [True] * len(images) if dicom else None)
         return build_response(request, predictions, outputs, raw, self._predictor.model_version)

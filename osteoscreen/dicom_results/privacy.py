@@ -1,0 +1,37 @@
+"""Patient data stays out of logs: pydicom reports an attribute value it finds invalid by quoting it, both as a
+log record (logger "pydicom") and as a UserWarning, which a server writes to its log. A DICOM input's values are
+patient data (a malformed Patient's Name is still a name), so those reports lose the value here: the record
+keeps the VR, the warning is dropped. Installed once per process by `osteoscreen.dicom_results.sr`, which the
+serving front and `osteoscreen predict` import, so it covers the decoding of every DICOM input there too."""
+
+from __future__ import annotations
+
+import logging
+import re
+import warnings
+
+# every message of pydicom.valuerep.validate_value: "Invalid value for VR PN: '...'", "The value length (70)
+# exceeds the maximum length of 64 allowed for VR LO.", "Value '...' is not valid for VR ..."
+_VALUE_REPORT = re.compile(r"(Invalid value for VR|The value length|Value .* (is not|exceeds))", re.DOTALL)
+_VR = re.compile(r"\bVR ([A-Z]{2})\b")
+
+
+class _WithholdValues(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if _VALUE_REPORT.match(message):
+            vr = _VR.search(message)
+            record.msg = f"invalid DICOM attribute value for VR {vr.group(1) if vr else '?'} (value withheld)"
+            record.args = None
+        return True
+
+
+_FILTER = _WithholdValues()
+
+
+def withhold_values() -> None:
+    """Idempotent: filter pydicom's value reports out of logs and warnings for the whole process."""
+    logger = logging.getLogger("pydicom")
+    if _FILTER not in logger.filters:
+        logger.addFilter(_FILTER)
+    warnings.filterwarnings("ignore", message=_VALUE_REPORT.pattern, category=UserWarning)

@@ -1,0 +1,187 @@
+"""One prediction + its DICOM source -> an IHE AIR Comprehensive 3D SR (TID 1500 Measurement Report).
+
+What a PACS viewer shows, top down (README "Integrating with a PACS" has the table):
+  Imaging Measurement Report
+    language, observer = this device (TID 1004: UID, name, manufacturer, model), procedure reported
+    Imaging Measurements
+      Measurement Group: tracking identifier + UID, algorithm (TID 4019: name, version = model tag),
+        source image (SOP class + instance UID), Probability of osteoporosis (NUM, calibrated),
+        Operating threshold (NUM), Osteoporosis = Present | Absent (CODE), result images if any
+    Qualitative Evaluations: the cautions (TEXT): screening aid, confirm with DXA; and, unless the model card
+      says real radiographs trained it, "not for clinical use"
+The document copies patient and study identification from the source, so the PACS files it in the same
+study, in a new series with our manufacturer, model and version, and Contributing Equipment names the
+algorithm (IHE AIR). Logs name exception types only, and errors never quote an input value: the source is
+patient data.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import highdicom as hd
+from highdicom.coding_schemes import CodingSchemeIdentificationItem
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian
+
+import osteoscreen
+from osteoscreen.dicom_results import codes, privacy
+from osteoscreen.errors import DicomResultsError
+from osteoscreen.types import LABELS, DicomResults, Prediction
+
+log = logging.getLogger(__name__)
+privacy.withhold_values()
+
+MANUFACTURER = "OsteoScreen"
+MODEL_NAME = "OsteoScreen osteoporosis screening"
+SERIES_NUMBER = 9870  # a high number keeps our series after the acquisition's own in viewers' series lists
+SERIES_DESCRIPTION = "OsteoScreen AI result"
+SCREENING_CAUTION = ("Screening aid, not a diagnosis: a positive result needs confirmation by DXA bone densitometry; "
+                     "a negative result does not exclude osteoporosis.")
+NOT_CLINICAL = "NOT FOR CLINICAL USE: this model was trained on synthetic (phantom) or unrecorded data."
+REQUIRED = ("StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID", "SOPInstanceUID")
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """The model as the SR identifies it. `clinical` is True only when the model card records that real
+    radiographs (not the demo phantom) trained it; unknown provenance counts as not clinical."""
+
+    name: str
+    version: str
+    backbone: str
+    clinical: bool = False
+
+    @property
+    def tag(self) -> str:
+        return f"{self.name}:{self.version}"
+
+
+def is_clinical(model_card: dict) -> bool:
+    """A model is clinical only when its card records real training data; the demo phantom and cards from
+    before provenance was recorded are not."""
+    return (model_card.get("training_data") or {}).get("synthetic") is False
+
+
+def require_dicom(data: bytes, format_hint: str | None = None) -> None:
+    """The cheap check a server makes before queueing: DICOM results need a DICOM input (the Part 10 'DICM'
+    prefix, or a client that says the bytes are DICOM)."""
+    if data[128:132] != b"DICM" and format_hint != "dicom":
+        raise DicomResultsError("DICOM results need a DICOM input; this image is not DICOM (send the DICOM file, "
+                                "or ask for JSON)")
+
+
+def read_source(data: bytes, format_hint: str | None = None) -> Dataset:
+    """The source's header (pixels skipped: the SR needs identifiers, not pixels). Raises DicomResultsError
+    when the input is not DICOM or lacks the UIDs a PACS files results by."""
+    require_dicom(data, format_hint)
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=format_hint == "dicom")
+    except Exception:  # noqa: BLE001 - pydicom raises many types; the chained text may quote the input
+        raise DicomResultsError("the DICOM header could not be read, so no DICOM result can be built") from None
+    missing = [k for k in REQUIRED if not str(ds.get(k, "") or "").strip()]
+    if missing:
+        raise DicomResultsError(f"the DICOM input lacks {', '.join(missing)}, needed to file a result in its study")
+    return ds
+
+
+def build(source: Dataset, prediction: Prediction, algorithm: Algorithm,
+          result_images: Sequence[Dataset] = ()) -> Dataset:
+    """The SR dataset. `result_images` are result instances already built in the source's study (e.g. the
+    explanation overlay as Secondary Capture): the SR references them and lists them as evidence."""
+    try:
+        return _build(source, prediction, algorithm, result_images)
+    except DicomResultsError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - highdicom's validation messages can quote patient data
+        log.warning("building the DICOM SR failed: %s", type(exc).__name__)
+        raise DicomResultsError("a DICOM result could not be built from this input: one of its patient or study "
+                                "attributes has a value DICOM does not allow") from None
+
+
+def to_results(source_bytes: bytes, prediction: Prediction, algorithm: Algorithm, format_hint: str | None = None,
+               result_images: Sequence[Dataset] = ()) -> DicomResults:
+    """Bytes in, bytes out: the SR (and the result images) as DICOM Part 10 files."""
+    sr = build(read_source(source_bytes, format_hint), prediction, algorithm, result_images)
+    return DicomResults(sr=encode(sr), sr_sop_instance_uid=str(sr.SOPInstanceUID),
+                        images=tuple(encode(image) for image in result_images))
+
+
+def encode(ds: Dataset) -> bytes:
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def _build(source: Dataset, prediction: Prediction, algorithm: Algorithm,
+           result_images: Sequence[Dataset]) -> Dataset:
+    algorithm_id = hd.sr.AlgorithmIdentification(
+        name=MODEL_NAME, version=algorithm.tag, manufacturer=MANUFACTURER,
+        parameters=[f"backbone={algorithm.backbone}", f"threshold={prediction.threshold:.6g}"])
+    finding = codes.PRESENT if prediction.label == LABELS[1] else codes.ABSENT
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier="OsteoScreen osteoporosis screening"),
+        algorithm_id=algorithm_id,
+        measurements=[
+            hd.sr.Measurement(name=codes.PROBABILITY, value=round(float(prediction.probability), 6),
+                              unit=codes.NO_UNITS),
+            hd.sr.Measurement(name=codes.THRESHOLD, value=round(float(prediction.threshold), 6),
+                              unit=codes.NO_UNITS),
+        ],
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(codes.OSTEOPOROSIS, finding)],
+        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)],
+    )
+    for image in result_images:  # the hook for result images (issue 12's overlay)
+        group[0].ContentSequence.append(hd.sr.ImageContentItem(
+            name=codes.REFERENCED_RESULT, referenced_sop_class_uid=image.SOPClassUID,
+            referenced_sop_instance_uid=image.SOPInstanceUID,
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.DEVICE,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=_device_uid(algorithm), name=MODEL_NAME, manufacturer_name=MANUFACTURER,
+            model_name=algorithm.tag))
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        procedure_reported=codes.PROCEDURE, imaging_measurements=[group], title=codes.TITLE)
+    report[0].ContentSequence.append(_cautions(algorithm))
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=[source, *result_images],
+        content=report[0],
+        series_instance_uid=hd.UID(),
+        series_number=SERIES_NUMBER,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        manufacturer_model_name=MODEL_NAME,
+        software_versions=f"{osteoscreen.__version__} {algorithm.tag}"[:64],
+        series_description=SERIES_DESCRIPTION,
+        is_complete=True,
+        contributing_equipment=[hd.ContributingEquipment(
+            manufacturer=MANUFACTURER, purpose_of_reference=codes.PROCESSING_EQUIPMENT,
+            manufacturer_model_name=MODEL_NAME, software_versions=algorithm.tag[:64],
+            contribution_description=f"Processing Algorithm: {MODEL_NAME}, model {algorithm.tag}")],
+        coding_schemes=[CodingSchemeIdentificationItem(
+            designator=codes.PRIVATE_SCHEME, name=codes.PRIVATE_SCHEME_NAME, responsible_organization=MANUFACTURER)],
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+    )
+    return sr
+
+
+def _cautions(algorithm: Algorithm) -> hd.sr.ContainerContentItem:
+    container = hd.sr.ContainerContentItem(
+        name=codes.QUALITATIVE_EVALUATIONS, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+    texts = [SCREENING_CAUTION] + ([] if algorithm.clinical else [NOT_CLINICAL])
+    container.ContentSequence = hd.sr.ContentSequence([
+        hd.sr.TextContentItem(name=codes.COMMENT, value=text, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+        for text in texts])
+    return container
+
+
+def _device_uid(algorithm: Algorithm) -> str:
+    """One stable UID per model version, so a PACS can group every result of the same model."""
+    return pydicom.uid.generate_uid(entropy_srcs=["osteoscreen", algorithm.tag])

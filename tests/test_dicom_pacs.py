@@ -1,0 +1,170 @@
+"""DICOM results end to end: a real server (the phantom-trained model) answers SRs over gRPC, HTTP and the CLI
+for pydicom-data's CR radiographs carrying distinctive patient identifiers; dciodvfy validates each; a real PACS
+(Orthanc, on loopback with its own temporary storage) stores the sources and our results, and what we read back
+from it sits in the source's study and parses (highdicom's SR reader) to the values the server answered. The
+identifiers appear in no server log line and no metric."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pydicom
+import pytest
+import requests
+
+from loadtest.server import free_port
+from osteoscreen.dicom_results import reader, sr
+from osteoscreen.serving.grpc import screening
+from tests.inputs import good_png
+from tests.test_dicom_results import PATIENT_ID, PATIENT_NAME, dciodvfy_errors, source
+
+BIN = Path(sys.executable).parent
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+
+
+class Orthanc:
+    """Orthanc in the foreground, on free loopback ports, storing into a temporary folder."""
+
+    def __init__(self, root: Path) -> None:
+        self.http_port, self.dicom_port = free_port(), free_port()
+        self.url = f"http://127.0.0.1:{self.http_port}"
+        config = {"Name": "osteoscreen-test", "HttpPort": self.http_port, "DicomPort": self.dicom_port,
+                  "StorageDirectory": str(root / "storage"), "IndexDirectory": str(root / "storage"),
+                  "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
+                  "Plugins": [str(DICOMWEB_PLUGIN)], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}}
+        (root / "orthanc.json").write_text(json.dumps(config))
+        self.log = open(root / "orthanc.log", "w")
+        self.proc = subprocess.Popen([shutil.which("Orthanc"), str(root / "orthanc.json")], stdout=self.log,
+                                     stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, (root / "orthanc.log").read_text()[-2000:]
+            try:
+                if requests.get(f"{self.url}/system", timeout=2).ok:
+                    return
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.3)
+        raise TimeoutError("Orthanc did not start")
+
+    def store(self, data: bytes) -> dict:
+        answer = requests.post(f"{self.url}/instances", data=data, timeout=60)
+        assert answer.ok, answer.text
+        return answer.json()
+
+    def get(self, path: str):
+        answer = requests.get(f"{self.url}{path}", timeout=60)
+        assert answer.ok, (path, answer.text)
+        return answer
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory):
+    assert shutil.which("Orthanc") and DICOMWEB_PLUGIN.exists(), "Orthanc missing: `make tools` installs it"
+    pacs = Orthanc(tmp_path_factory.mktemp("orthanc"))
+    try:
+        yield pacs
+    finally:
+        pacs.stop()
+
+
+def stored_round_trip(pacs: Orthanc, source_bytes: bytes, sr_bytes: bytes) -> reader.ReportedResult:
+    """Store the source and the SR; read the SR back from the PACS; check that it is filed in the source's study,
+    as a second series (SR) next to the image's. Returns the SR as read back."""
+    study_uid = pydicom.dcmread(io.BytesIO(source_bytes), stop_before_pixels=True).StudyInstanceUID
+    stored_source, stored_sr = pacs.store(source_bytes), pacs.store(sr_bytes)
+    assert stored_source["ParentStudy"] == stored_sr["ParentStudy"]  # Orthanc's own study of each instance
+    series = pacs.get(f"/studies/{stored_sr['ParentStudy']}/series").json()
+    assert sorted(s["MainDicomTags"]["Modality"] for s in series) == ["CR", "SR"]
+    # the same, as a DICOMweb client sees it (QIDO-RS)
+    qido = pacs.get(f"/dicom-web/studies/{study_uid}/series").json()
+    assert sorted(s["00080060"]["Value"][0] for s in qido) == ["CR", "SR"]
+    return reader.read(pacs.get(f"/instances/{stored_sr['ID']}/file").content)
+
+
+def test_results_round_trip_through_a_real_pacs(server, orthanc, registered_model, tmp_path):
+    card = json.loads(next((registered_model["root"] / "bentoml" / "models" / "osteoscreen").glob("*/model_card.json"))
+                      .read_text())
+    assert card["training_data"] == {"synthetic": True}  # osteoscreen synth made the data: a demo model
+
+    # gRPC, our own API: RG3 (distal tibia, JPEG 2000)
+    rg3 = source("RG3_J2KR")
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        stub = screening.pb_grpc.ScreeningStub(channel)
+        response = stub.Predict(screening.pb.PredictRequest(image=rg3, dicom_results=True), timeout=120)
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Predict(screening.pb.PredictRequest(image=source("RG3_J2KR", StudyInstanceUID=None),
+                                                     dicom_results=True), timeout=120)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert dciodvfy_errors(response.dicom_sr, tmp_path) == []
+    back = stored_round_trip(orthanc, rg3, response.dicom_sr)
+    assert back.probability == pytest.approx(response.probability, abs=1e-6)
+    assert back.threshold == pytest.approx(response.threshold, abs=1e-6)
+    assert back.osteoporosis_present == (response.label == "osteoporosis")
+    assert back.algorithm_version == f"{response.model_name}:{response.model_version}"
+    assert sr.NOT_CLINICAL in back.cautions  # the phantom-trained model says so in the PACS
+
+    # HTTP with Accept: application/dicom: RG1 (chest, MONOCHROME1, JPEG 2000), another study
+    rg1 = source("RG1_J2KR")
+    answer = requests.post(f"{server.url}/predict", data=rg1, timeout=120,
+                           headers={"Accept": "application/dicom", "Content-Type": "application/dicom"})
+    assert answer.status_code == 200 and answer.headers["content-type"] == "application/dicom"
+    assert dciodvfy_errors(answer.content, tmp_path) == []
+    back = stored_round_trip(orthanc, rg1, answer.content)
+    assert back.probability == pytest.approx(float(answer.headers["x-osteoscreen-probability"]), abs=1e-6)
+    assert back.osteoporosis_present == (answer.headers["x-osteoscreen-label"] == "osteoporosis")
+    refused = requests.post(f"{server.url}/predict", files={"image": ("s.png", good_png(), "image/png")},
+                            headers={"Accept": "application/dicom"}, timeout=60)
+    assert refused.status_code == 400 and "DICOM input" in refused.json()["error"]
+
+    # the CLI against the server: --dicom-out writes the SR, named by its UID
+    (tmp_path / "in.dcm").write_bytes(rg3)
+    cli = subprocess.run([str(BIN / "osteoscreen"), "predict", str(tmp_path / "in.dcm"), "--server",
+                          server.grpc_target, "--dicom-out", str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, **registered_model["env"]})
+    assert cli.returncode == 0, cli.stderr
+    line = json.loads(cli.stdout.strip().splitlines()[-1])
+    (written,) = line["dicom"]
+    assert Path(written).parent == tmp_path / "out" and Path(written).name.startswith("SR_")
+    assert reader.read(Path(written).read_bytes()).probability == pytest.approx(line["probability"], abs=1e-6)
+
+    # no identifier in the server's log or metrics
+    metrics = requests.get(f"{server.url}/metrics", timeout=30).text
+    log = server.log_path.read_text()
+    for secret in (PATIENT_ID, PATIENT_NAME.split("^")[0], PATIENT_NAME.split("^")[1]):
+        assert secret not in log and secret not in metrics and secret not in cli.stderr
+
+
+def test_local_predict_writes_valid_dicom_results(registered_model, tmp_path):
+    """`osteoscreen predict FILE.dcm --dicom-out DIR` without a server: the registered bundle, its model card's
+    provenance (the phantom: not for clinical use), an SR per DICOM file; a PNG is refused, the rest still run."""
+    (tmp_path / "rg1.dcm").write_bytes(source("RG1_J2KR"))
+    (tmp_path / "spine.png").write_bytes(good_png())
+    cli = subprocess.run([str(BIN / "osteoscreen"), "predict", str(tmp_path / "spine.png"), str(tmp_path / "rg1.dcm"),
+                          "--dicom-out", str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=600, env={**os.environ, **registered_model["env"]})
+    assert cli.returncode == 1, cli.stderr  # the PNG failed, the DICOM file did not
+    assert "spine.png: error: DICOM results need a DICOM input" in cli.stderr
+    (line,) = [json.loads(text) for text in cli.stdout.splitlines() if text.startswith("{")]
+    (written,) = line["dicom"]
+    assert dciodvfy_errors(Path(written).read_bytes(), tmp_path) == []
+    back = reader.read(Path(written).read_bytes())
+    assert back.probability == pytest.approx(line["probability"], abs=1e-6)
+    assert back.algorithm_version == line["model"] and sr.NOT_CLINICAL in back.cautions
+    assert PATIENT_ID not in cli.stderr + cli.stdout

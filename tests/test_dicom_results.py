@@ -1,0 +1,301 @@
+"""DICOM results (issue 13) without a trained model: the SR built from pydicom-data's real CR radiographs, checked
+by dicom3tools' `dciodvfy` and read back with highdicom's SR reader; then served over our gRPC API, the Open
+Inference Protocol v2 and HTTP through the real inference path, over a fake model whose answer the test sets.
+The PACS round trip against a real server and Orthanc is in test_dicom_pacs.py."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import shutil
+import subprocess
+import threading
+
+import grpc
+import numpy as np
+import pydicom
+import pytest
+from starlette.testclient import TestClient
+
+from osteoscreen.dicom_results import reader, sr
+from osteoscreen.errors import DicomResultsError
+from osteoscreen.serving import http
+from osteoscreen.serving.grpc import screening, v2
+from osteoscreen.serving.grpc.server import GrpcServer, GrpcSettings
+from osteoscreen.serving.inference import InferencePath, ModelInfo
+from osteoscreen.types import Prediction
+from tests.inputs import good_png, real_radiograph
+
+# distinctive identifiers: none may reach a log line, a metric or an error message
+PATIENT_NAME = "Quixwort^Zebulona"
+PATIENT_ID = "PID-QZX-77310"
+INFO = ModelInfo(name="osteoscreen", version="t13version", backbone="vgg16", threshold=0.316)
+
+
+def source(name: str = "RG3_J2KR", **attributes: object) -> bytes:
+    """A real radiograph from pydicom-data with distinctive patient identifiers (and any other attributes)."""
+    ds = pydicom.dcmread(io.BytesIO(real_radiograph(name)))
+    ds.PatientName, ds.PatientID = PATIENT_NAME, PATIENT_ID
+    for key, value in attributes.items():
+        if value is None:
+            delattr(ds, key)
+        else:
+            setattr(ds, key, value)
+    buffer = io.BytesIO()
+    ds.save_as(buffer)
+    return buffer.getvalue()
+
+
+def dciodvfy_errors(data: bytes, tmp_path) -> list[str]:
+    """dicom3tools' IOD validator: its error lines (warnings, e.g. for our private coding scheme, are allowed)."""
+    assert shutil.which("dciodvfy"), "dciodvfy missing: `make tools` installs dicom3tools"
+    path = tmp_path / "check.dcm"
+    path.write_bytes(data)
+    run = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+    lines = (run.stdout + run.stderr).splitlines()
+    assert any("Comprehensive3DSR" in line or "SR" in line for line in lines), lines  # it did recognise the IOD
+    return [line for line in lines if line.startswith("Error")]
+
+
+def prediction(probability: float, threshold: float = 0.316) -> Prediction:
+    label = "osteoporosis" if probability >= threshold else "normal"
+    return Prediction(probability, label, threshold, "osteoscreen", "t13version")
+
+
+ALGORITHM = sr.Algorithm("osteoscreen", "t13version", "vgg16", clinical=False)
+
+
+# -- the SR itself -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["RG1_J2KR", "RG3_UNCR", "RG3_J2KR"])  # RG1: MONOCHROME1, JPEG 2000
+def test_sr_of_a_real_radiograph_is_valid_and_reads_back(name, tmp_path):
+    data = source(name)
+    results = sr.to_results(data, prediction(0.731234), ALGORITHM)
+    assert dciodvfy_errors(results.sr, tmp_path) == []
+
+    src, doc = pydicom.dcmread(io.BytesIO(data)), pydicom.dcmread(io.BytesIO(results.sr))
+    assert doc.SOPClassUID == pydicom.uid.Comprehensive3DSRStorage and doc.Modality == "SR"
+    for key in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyID",
+                "AccessionNumber", "StudyDate"):
+        assert doc.get(key) == src.get(key), key  # the PACS files it in the source's study
+    assert doc.SeriesInstanceUID != src.SeriesInstanceUID and doc.SOPInstanceUID == results.sr_sop_instance_uid
+    assert (doc.Manufacturer, doc.SeriesNumber) == (sr.MANUFACTURER, sr.SERIES_NUMBER)
+    # IHE AIR: the algorithm as contributing equipment (highdicom adds itself as a second item)
+    (equipment,) = [e for e in doc.ContributingEquipmentSequence if e.Manufacturer == sr.MANUFACTURER]
+    assert equipment.PurposeOfReferenceCodeSequence[0].CodeValue == "109102"
+    assert "Processing Algorithm" in equipment.ContributionDescription and "osteoscreen:t13version" in \
+        equipment.ContributionDescription
+    (evidence,) = doc.CurrentRequestedProcedureEvidenceSequence
+    assert evidence.ReferencedSeriesSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
+    assert [s.CodingSchemeDesignator for s in doc.CodingSchemeIdentificationSequence] == ["99OSTEO"]
+
+    # dcmtk's SR reader (a second implementation no one here wrote) parses the tree and shows the finding
+    dump = subprocess.run(["dsrdump", str(tmp_path / "check.dcm")], capture_output=True, text=True, timeout=60)
+    assert dump.returncode == 0 and "Present" in dump.stdout and "Probability of osteoporosis" in dump.stdout, \
+        dump.stdout + dump.stderr
+    assert "E:" not in dump.stderr and "W:" not in dump.stderr, dump.stderr
+
+    back = reader.read(results.sr)
+    assert back.probability == pytest.approx(0.731234, abs=1e-9) and back.threshold == pytest.approx(0.316)
+    assert back.osteoporosis_present and back.algorithm_version == "osteoscreen:t13version"
+    assert back.source_sop_instance_uid == src.SOPInstanceUID and back.tracking_uid
+    assert any("DXA" in text for text in back.cautions) and sr.NOT_CLINICAL in back.cautions
+
+
+def test_finding_follows_the_threshold_and_the_model_card_decides_the_clinical_caution(tmp_path):
+    data = source()
+    negative = reader.read(sr.to_results(data, prediction(0.2), ALGORITHM).sr)
+    assert not negative.osteoporosis_present and negative.probability == pytest.approx(0.2)
+    clinical = sr.Algorithm("osteoscreen", "t13version", "vgg16", clinical=True)
+    real = reader.read(sr.to_results(data, prediction(0.9), clinical).sr)
+    assert real.osteoporosis_present and sr.NOT_CLINICAL not in real.cautions
+    assert any("DXA" in text for text in real.cautions)  # the screening caution stays, always
+    # only a card that records real training data is clinical; the phantom and unknown provenance are not
+    assert sr.is_clinical({"training_data": {"synthetic": False}})
+    assert not sr.is_clinical({"training_data": {"synthetic": True}}) and not sr.is_clinical({})
+
+
+def test_result_images_are_referenced_from_the_sr(tmp_path):
+    """The hook for the explanation overlay (issue 12): a result image in the same study, referenced by the SR."""
+    import highdicom as hd
+
+    src = pydicom.dcmread(io.BytesIO(source()))
+    overlay = hd.sc.SCImage.from_ref_dataset(
+        ref_dataset=src, pixel_array=np.zeros((64, 64), np.uint8), photometric_interpretation="MONOCHROME2",
+        bits_allocated=8, coordinate_system="PATIENT", series_instance_uid=hd.UID(), sop_instance_uid=hd.UID(),
+        series_number=9871, instance_number=1, manufacturer=sr.MANUFACTURER, patient_orientation=("L", "F"))
+    results = sr.to_results(source(), prediction(0.5), ALGORITHM, result_images=[overlay])
+    assert reader.read(results.sr).result_image_uids == (overlay.SOPInstanceUID,)
+    assert len(results.images) == 1 and dciodvfy_errors(results.sr, tmp_path) == []
+
+
+@pytest.mark.parametrize(("data", "reason"), [
+    (good_png(), "need a DICOM input"),
+    (source(StudyInstanceUID=None), "lacks StudyInstanceUID"),
+    (source(SOPInstanceUID=None), "lacks SOPInstanceUID"),
+])
+def test_inputs_that_cannot_carry_results_are_refused_without_quoting_them(data, reason):
+    with pytest.raises(DicomResultsError, match=reason) as caught:
+        sr.to_results(data, prediction(0.5), ALGORITHM)
+    assert PATIENT_NAME.split("^")[0] not in str(caught.value) and PATIENT_ID not in str(caught.value)
+
+
+def test_an_attribute_highdicom_rejects_gives_an_error_without_the_value(caplog):
+    bad = source(PatientSex="Q" + PATIENT_ID)  # not a valid Patient's Sex: highdicom refuses to copy it
+    with caplog.at_level(logging.DEBUG), pytest.raises(DicomResultsError) as caught:
+        sr.to_results(bad, prediction(0.5), ALGORITHM)
+    assert caught.value.__suppress_context__  # the chained highdicom message may quote the value
+    assert PATIENT_ID not in str(caught.value) and PATIENT_ID not in caplog.text
+
+
+# -- served: the one inference path over a fake model, through each protocol ---------------------------------
+
+
+class FixedModel:
+    """The model service's answer shape: probability, batch seconds, batch size; the probability is fixed."""
+
+    def __init__(self, probability: float) -> None:
+        self.probability = probability
+        self.calls = 0
+
+    async def __call__(self, images: np.ndarray) -> np.ndarray:
+        self.calls += 1
+        n = len(images)
+        return np.stack([np.full(n, self.probability), np.full(n, 0.01 * n), np.full(n, n)], axis=1)
+
+
+@pytest.fixture
+def path() -> InferencePath:
+    inference = InferencePath(FixedModel(0.625))
+    inference.set_model(INFO)
+    return inference
+
+
+def test_a_non_dicom_input_asking_for_results_never_reaches_the_model():
+    model = FixedModel(0.5)
+    inference = InferencePath(model)
+    inference.set_model(INFO)
+    with pytest.raises(DicomResultsError, match="image 1: DICOM results need a DICOM input"):
+        asyncio.run(inference.predict([source(), good_png()], dicom=[True, True]))
+    assert model.calls == 0 and inference.queued == 0
+    (answered,) = asyncio.run(inference.predict([source()], dicom=[True]))
+    assert model.calls == 1 and reader.read(answered.dicom.sr).probability == pytest.approx(0.5)
+
+
+@pytest.fixture
+def grpc_target(path):
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+
+    def call(coro):
+        return asyncio.run_coroutine_threadsafe(coro, loop).result(60)
+
+    async def make() -> GrpcServer:
+        return GrpcServer(path, GrpcSettings(port=0, host="127.0.0.1"))
+
+    server = call(make())
+    port = call(server.start())
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        call(server.stop(grace=1))
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+
+
+def test_grpc_predict_answers_the_sr_and_refuses_a_non_dicom_input(grpc_target, caplog):
+    caplog.set_level(logging.DEBUG)
+    with grpc.insecure_channel(grpc_target) as channel:
+        stub = screening.pb_grpc.ScreeningStub(channel)
+        data = source("RG1_J2KR")
+        response = stub.Predict(screening.pb.PredictRequest(image=data, request_id="r1", dicom_results=True),
+                                timeout=60)
+        back = reader.read(response.dicom_sr)
+        assert back.probability == pytest.approx(response.probability) == pytest.approx(0.625)
+        assert back.osteoporosis_present == (response.label == "osteoporosis")
+        assert back.algorithm_version == f"{response.model_name}:{response.model_version}"
+        assert pydicom.dcmread(io.BytesIO(response.dicom_sr)).SOPInstanceUID == response.dicom_sr_sop_instance_uid
+        assert list(response.dicom_images) == []
+
+        plain = stub.Predict(screening.pb.PredictRequest(image=data), timeout=60)
+        assert plain.dicom_sr == b"" and plain.probability == response.probability  # only when asked
+
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.Predict(screening.pb.PredictRequest(image=good_png(), dicom_results=True), timeout=60)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "DICOM input" in caught.value.details()
+
+        batch = stub.PredictBatch(screening.pb.PredictBatchRequest(requests=[
+            screening.pb.PredictRequest(image=good_png()),
+            screening.pb.PredictRequest(image=source("RG3_J2KR"), dicom_results=True)]), timeout=60)
+        assert [bool(r.dicom_sr) for r in batch.responses] == [False, True]
+        with pytest.raises(grpc.RpcError) as caught:  # the index of the offending image is named
+            stub.PredictBatch(screening.pb.PredictBatchRequest(requests=[
+                screening.pb.PredictRequest(image=data, dicom_results=True),
+                screening.pb.PredictRequest(image=good_png(), dicom_results=True)]), timeout=60)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "image 1" in caught.value.details()
+    assert PATIENT_NAME.split("^")[0] not in caplog.text and PATIENT_ID not in caplog.text
+
+
+@pytest.mark.parametrize("raw", [False, True])
+def test_v2_model_infer_adds_a_dicom_sr_output_on_request(grpc_target, raw):
+    data = source("RG3_J2KR")
+    request = v2.pb.ModelInferRequest(model_name=v2.MODEL_NAME)
+    tensor = request.inputs.add(name="image", datatype="BYTES", shape=[2])
+    if raw:
+        request.raw_input_contents.append(v2.encode_raw_bytes([data, data]))
+    else:
+        tensor.contents.bytes_contents.extend([data, data])
+    with grpc.insecure_channel(grpc_target) as channel:
+        stub = v2.pb_grpc.GRPCInferenceServiceStub(channel)
+        assert [o.name for o in stub.ModelInfer(request, timeout=60).outputs] == ["probability", "label"]
+        request.parameters[v2.DICOM_PARAMETER].bool_param = True
+        response = stub.ModelInfer(request, timeout=60)
+        outputs = {o.name: (i, o) for i, o in enumerate(response.outputs)}
+        assert list(outputs) == ["probability", "label", "dicom_sr"]
+        index, tensor_out = outputs["dicom_sr"]
+        assert tensor_out.datatype == "BYTES" and list(tensor_out.shape) == [2]
+        files = (v2.decode_raw_bytes(response.raw_output_contents[index], 2) if raw
+                 else list(tensor_out.contents.bytes_contents))
+        reports = [reader.read(f) for f in files]
+        assert [r.probability for r in reports] == [pytest.approx(0.625)] * 2
+        assert reports[0].tracking_uid != reports[1].tracking_uid  # one result per element
+
+        request.parameters[v2.DICOM_PARAMETER].string_param = "yes"
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.ModelInfer(request, timeout=60)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "bool_param" in caught.value.details()
+
+
+def test_http_answers_application_dicom_when_accepted(path):
+    client = TestClient(http.create_app(path))
+    data = source("RG1_J2KR")
+    answer = client.post("/predict", content=data, headers={"Accept": "application/dicom",
+                                                             "Content-Type": "application/dicom"})
+    assert answer.status_code == 200 and answer.headers["content-type"] == "application/dicom"
+    back = reader.read(answer.content)
+    assert back.probability == pytest.approx(float(answer.headers["x-osteoscreen-probability"]))
+    assert answer.headers["x-osteoscreen-label"] == "osteoporosis"
+    assert answer.headers["x-osteoscreen-sr-instance-uid"] == pydicom.dcmread(io.BytesIO(answer.content)).SOPInstanceUID
+
+    as_json = client.post("/predict", files={"image": ("x.dcm", data, "application/dicom")},
+                          headers={"Accept": "application/json, application/dicom;q=0"})
+    assert as_json.status_code == 200 and as_json.json()["label"] == "osteoporosis"
+
+    refused = client.post("/predict", content=good_png(), headers={"Accept": "application/dicom"})
+    assert refused.status_code == 400 and "DICOM input" in refused.json()["error"]
+    missing = client.post("/predict", content=source(StudyInstanceUID=None), headers={"Accept": "application/dicom"})
+    assert missing.status_code == 400 and "StudyInstanceUID" in missing.json()["error"]
+    assert PATIENT_ID not in missing.text
+    assert client.post("/predict", content=data).status_code == 200  # still serving
+
+
+def test_bench_notes_the_sr_build_time():
+    from loadtest import dicom_sr
+
+    result = dicom_sr.measure(repeats=1)
+    assert result["builds"] == len(dicom_sr.SOURCES) and 0 < result["cpu_median_ms"] and 0 < result["median_ms"]
+    assert f"goal < {dicom_sr.GOAL_MS:.0f} ms" in dicom_sr.note(result)
