@@ -201,5 +201,8 @@ def predict_files_remote(
                 else:
                     line = {"path": str(path), "probability": round(r.probability, 6), "label": r.label,
                             "threshold": round(r.threshold, 6), "model": f"{r.model_name}:{r.model_version}"}
+                    if r.outside_intended_use:  # the server's policy is `flag`
+                        line["out_of_intended_use"] = [{"check": f.check, "value": f.value, "reason": f.reason}
+                                                       for f in r.intended_use_findings]
                     print(json.dumps(line), file=out, flush=True)
     return 1 if failed else 0

@@ -29,3 +29,13 @@ class OverloadedError(OsteoScreenError):
 class ModelUnavailableError(OsteoScreenError):
     """The model service is loading, restarting or unreachable; the caller should retry, here or on another
     replica (gRPC UNAVAILABLE, HTTP 503)."""
+
+
+class OutOfIntendedUseError(OsteoScreenError):
+    """The image decodes but is outside what the model was validated for (another body part, view, modality,
+    age, or content unlike the training images), under the `refuse` policy (HTTP 422, gRPC FAILED_PRECONDITION).
+    The message names the check and the value and is safe to return to a remote client."""
+
+    def __init__(self, message: str, findings: tuple = ()) -> None:
+        super().__init__(message)
+        self.findings = findings

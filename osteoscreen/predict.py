@@ -1,36 +1,54 @@
 """`osteoscreen predict FILE...`: the registered model, locally, one JSON line per file.
 
 A file that cannot be read gets a one-line error on stderr and a non-zero exit status; the other
-files are still predicted, so one bad file in a folder never hides the rest.
+files are still predicted, so one bad file in a folder never hides the rest. A file outside the model's
+intended use is refused the same way, with the check that failed, under the default policy
+(OSTEOSCREEN_INTENDED_USE=refuse); under `flag`, or with `--force` (research use only), it is predicted and
+its line carries `out_of_intended_use`.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
-from osteoscreen.errors import ImageDecodeError
+from osteoscreen.errors import ImageDecodeError, OutOfIntendedUseError
 
 
-def run(files: list[str], model_tag: str | None = None, server: str | None = None, tls: bool = False) -> int:
+def run(files: list[str], model_tag: str | None = None, server: str | None = None, tls: bool = False,
+        force: bool = False) -> int:
+    from osteoscreen.intended_use.policy import Policy, enforce
+
+    policy = Policy.FLAG if force else Policy.from_env()
     if server:
         from osteoscreen.client import predict_files_remote
 
         return predict_files_remote(files, server, tls=tls)
+    from osteoscreen.intended_use.local import screen
     from osteoscreen.model import bundle
-    from osteoscreen.imaging.decode import load_image
 
     model = bundle.load(model_tag)
+    if force:
+        print("osteoscreen predict: --force: intended-use checks only flag; research use only, not for screening",
+              file=sys.stderr)
     status = 0
     for name in files:
         try:
-            image = load_image(Path(name).read_bytes())
+            (p,) = screen(model, [Path(name).read_bytes()])
+            enforce([p.findings], policy)
         except (OSError, ImageDecodeError) as exc:
             print(f"{name}: error: {exc}", file=sys.stderr)
             status = 1
             continue
-        p = model.predictions(image[None])[0]
-        print(json.dumps({"path": name, "probability": round(p.probability, 6), "label": p.label,
-                          "threshold": p.threshold, "model": model.tag}), flush=True)
+        except OutOfIntendedUseError as exc:
+            print(f"{name}: refused: {exc}", file=sys.stderr)
+            status = 1
+            continue
+        line = {"path": name, "probability": round(p.probability, 6), "label": p.label,
+                "threshold": p.threshold, "model": model.tag}
+        if p.findings:
+            line["out_of_intended_use"] = [asdict(f) for f in p.findings]
+        print(json.dumps(line), flush=True)
     return status

@@ -5,10 +5,15 @@ One model, `osteoporosis`: input `image` (BYTES, [N], one encoded file per eleme
 (per element a 4-byte little-endian length, then the bytes); answers use the same form as the request,
 because tritonclient reads only raw outputs for FP32. Protocol mistakes are answered here with
 INVALID_ARGUMENT / NOT_FOUND; domain errors propagate to the interceptor in `grpc_server`.
+
+Intended use: under the `flag` policy, images that failed a check are named in the response parameter
+`out_of_intended_use` (a JSON list of {"index", "check", "value", "reason"}), so the outputs, and the stock
+clients that read them, stay as they are; under `refuse` the call fails with FAILED_PRECONDITION.
 """
 
 from __future__ import annotations
 
+import json
 import struct
 
 import grpc
@@ -27,6 +32,7 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name 
 SERVER_NAME = "osteoscreen"
 MODEL_NAME = "osteoporosis"
 INPUT_NAME = "image"
+FINDINGS_PARAMETER = "out_of_intended_use"
 OUTPUTS = {"probability": "FP32", "label": "BYTES"}
 _LENGTH = struct.Struct("<I")
 Context = grpc.aio.ServicerContext
@@ -105,6 +111,10 @@ def build_response(
         "label": [p.label.encode() for p in predictions],
     }
     response = pb.ModelInferResponse(model_name=MODEL_NAME, model_version=version, id=request.id)
+    flagged = [{"index": i, "check": f.check, "value": f.value, "reason": f.reason}
+               for i, p in enumerate(predictions) for f in p.findings]
+    if flagged:
+        response.parameters[FINDINGS_PARAMETER].string_param = json.dumps(flagged)
     for name in outputs:
         tensor = response.outputs.add(name=name, datatype=OUTPUTS[name], shape=[len(predictions)])
         data = values[name]
