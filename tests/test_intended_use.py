@@ -257,3 +257,48 @@ def test_grpc_own_api_and_v2_under_each_policy(policy):
         assert {(f["index"], f["check"]) for f in flagged} == {(1, "body_part"), (1, "view")}
     finally:
         running.close()
+
+
+# --- training's batch path and the bundle -------------------------------------------------------------------
+
+def test_training_leaves_out_dicoms_of_other_body_parts_unless_forced(tmp_path):
+    from training.dataset import Sample, read_images
+
+    chest, spine = tmp_path / "chest.dcm", tmp_path / "spine.png"
+    chest.write_bytes(real_radiograph("RG1_J2KR"))
+    spine.write_bytes(good_png(0))
+    samples = [Sample(chest, 0, "p1"), Sample(spine, 1, "p2")]
+    images, _, problems = read_images(samples)
+    assert images[0] is None and images[1] is not None
+    assert problems == [f"{chest}: outside the intended use: body part examined CHEST is not the lumbar spine the "
+                        "model was trained on; view PA is not the lateral projection the model was trained on"]
+    images, _, problems = read_images(samples, force=True)
+    assert images[0] is not None and problems == []
+
+
+def _round_trip_with_content_check() -> None:
+    """Runs in a fresh process (BentoML reads BENTOML_HOME once per process)."""
+    from osteoscreen.model import bundle
+    from tests.test_bundle import _tiny_bundle
+
+    original = _tiny_bundle()
+    rng = np.random.default_rng(2)
+    batch = rng.uniform(0, 255, (6, 224, 224, 1)).astype(np.float32)
+    train, val = original.features_of(batch[:4]), original.features_of(batch[4:])
+    original.content_check = ContentCheck.fit(np.concatenate([train, train + 1.0]), np.concatenate([val, val, val]))
+    original.metadata["intended_use"] = {**IntendedUse().to_dict(), **original.content_check.card()}
+    loaded = bundle.load(bundle.register(original))
+    np.testing.assert_allclose(loaded.assess(batch)[1], original.assess(batch)[1], rtol=1e-6)
+    assert loaded.intended_use.content_cutoff == original.content_check.cutoff
+    assert bundle.find_model(loaded.tag).info.metadata["content_cutoff"] == original.content_check.cutoff
+    original.content_check = None  # a model from before the checks: NaN scores, never a silent pass
+    assert np.isnan(bundle.load(bundle.register(original)).assess(batch)[1]).all()
+    print("ROUND TRIP OK")
+
+
+def test_the_content_check_travels_with_the_registered_model(tmp_path):
+    from tests.test_bundle import _in_fresh_process
+
+    result = _in_fresh_process("import tests.test_intended_use as t; t._round_trip_with_content_check()",
+                               tmp_path / "bentoml")
+    assert result.returncode == 0 and "ROUND TRIP OK" in result.stdout, result.stderr[-3000:]
