@@ -211,10 +211,11 @@ def test_an_answer_without_content_scores_fails_the_content_check():
         n = len(images)
         return np.stack([np.full(n, 0.2), np.full(n, 0.01), np.full(n, n)], axis=1)
 
-    path = InferencePath(old_model, policy=Policy.REFUSE)
-    path.set_model(ModelInfo("fake", "1", "vgg16", 0.5))
-    with pytest.raises(OutOfIntendedUseError, match="no content check"):
-        asyncio.run(path.predict([good_png(0)]))
+    for card in (None, IntendedUse(content_cutoff=5.0).to_dict()):  # no cut-off, or no score to compare
+        path = InferencePath(old_model, policy=Policy.REFUSE)
+        path.set_model(ModelInfo("fake", "1", "vgg16", 0.5, card))
+        with pytest.raises(OutOfIntendedUseError, match="no content check"):
+            asyncio.run(path.predict([good_png(0)]))
 
 
 def test_http_answers_422_under_refuse_and_the_findings_under_flag():
