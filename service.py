@@ -9,7 +9,7 @@
   an on-startup hook, because BentoML 1.4 no longer serves gRPC for `@bentoml.service` classes.
 
 Settings are environment variables (see README): OSTEOSCREEN_MODEL_TAG, OSTEOSCREEN_GRPC_PORT,
-OSTEOSCREEN_MAX_QUEUE, OSTEOSCREEN_MAX_BATCH, OSTEOSCREEN_GPU, OSTEOSCREEN_FRONT_WORKERS, and the
+OSTEOSCREEN_MAX_QUEUE, OSTEOSCREEN_MAX_BATCH, OSTEOSCREEN_GPU, OSTEOSCREEN_FRONT_WORKERS, OSTEOSCREEN_INTENDED_USE, and the
 limits of `osteoscreen.imaging.decode` and `osteoscreen.serving.grpc.server`.
 """
 
@@ -47,7 +47,10 @@ class Model:
         from osteoscreen.model import bundle
 
         self.bundle = bundle.load(str(self.bento_model.tag))
-        self.bundle.probabilities(np.zeros((1, 224, 224, 1), np.float32))  # warm-up: trace before traffic
+        self.bundle.assess(np.zeros((1, 224, 224, 1), np.float32))  # warm-up: trace before traffic
+        if self.bundle.content_check is None:
+            log.warning("model %s has no content check (trained before intended-use checks): every image fails "
+                        "it; retrain, or serve with OSTEOSCREEN_INTENDED_USE=flag", self.bundle.tag)
         # one thread runs every model call: calls never overlap, and TensorFlow keeps one thread's caches
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="osteoscreen-model")
         self.batcher = GreedyBatcher(
@@ -55,15 +58,16 @@ class Model:
 
     def _compute(self, images: np.ndarray) -> np.ndarray:
         started = time.perf_counter()
-        probabilities = self.bundle.probabilities(images)
+        probabilities, content_scores = self.bundle.assess(images)
         metrics.BATCH_SIZE.observe(len(images))
         n = len(images)
-        return np.stack([probabilities, np.full(n, time.perf_counter() - started), np.full(n, n)], axis=1)
+        return np.stack([probabilities, np.full(n, time.perf_counter() - started), np.full(n, n), content_scores],
+                        axis=1)
 
     @bentoml.api
     async def infer(self, images: np.ndarray) -> np.ndarray:
-        """(N, 224, 224, 1) float32 -> (N, 3): probability, and its batch's compute seconds and size (the
-        front's queue-time metric and deadline-aware admission use them)."""
+        """(N, 224, 224, 1) float32 -> (N, 4): probability, its batch's compute seconds and size (the
+        front's queue-time metric and deadline-aware admission use them), and the content check's score."""
         return await self.batcher(images)
 
     @bentoml.api
@@ -72,7 +76,7 @@ class Model:
         from osteoscreen.dicom_results.sr import is_clinical
 
         return {"name": b.name, "version": b.version, "backbone": b.backbone, "threshold": b.threshold,
-                "clinical": is_clinical(b.metadata)}
+                "clinical": is_clinical(b.metadata), "intended_use": b.intended_use.to_dict()}
 
 
 http_app = http.create_app()

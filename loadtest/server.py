@@ -44,8 +44,10 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.http_port}"
         self.grpc_target = f"127.0.0.1:{self.grpc_port}"
         self.log_path = Path(log_path) if log_path else Path(tempfile.mkdtemp(prefix="osteoscreen-server-")) / "server.log"
-        self.env = {**(env or os.environ), "OSTEOSCREEN_GRPC_PORT": str(self.grpc_port),
-                    "BENTOML_DO_NOT_TRACK": "True", **extra_env}
+        # flag unless told otherwise: load tests and benchmarks send pydicom-data's chest and tibia films to
+        # exercise decoding, which the default policy (refuse) would answer with 422 before the model
+        self.env = {"OSTEOSCREEN_INTENDED_USE": "flag", **(env or os.environ),
+                    "OSTEOSCREEN_GRPC_PORT": str(self.grpc_port), "BENTOML_DO_NOT_TRACK": "True", **extra_env}
         self.proc: subprocess.Popen | None = None
         self._log = None
 

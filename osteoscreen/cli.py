@@ -41,6 +41,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         register=not args.no_register,
         augment_rounds=args.augment_rounds,
         search_iterations=args.search_iterations,
+        force=args.force,
     )
     print(tag)
     return 0
@@ -57,7 +58,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 def _cmd_predict(args: argparse.Namespace) -> int:
     from osteoscreen import predict
 
-    return predict.run(args.files, model_tag=args.model, server=args.server, tls=args.tls, dicom_out=args.dicom_out)
+    return predict.run(args.files, model_tag=args.model, server=args.server, tls=args.tls, force=args.force,
+                       dicom_out=args.dicom_out)
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -98,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-register", action="store_true", help="evaluate only; do not touch the model store")
     p.add_argument("--augment-rounds", type=int, default=2, help="augmented copies of each training image")
     p.add_argument("--search-iterations", type=int, default=12, help="Random Forest settings tried by grouped CV")
+    p.add_argument("--force", action="store_true",
+                   help="train on DICOM files whose header says another body part, view or modality too "
+                        "(research use only)")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("compare", help="every backbone + RF on the same split, as one markdown table")
@@ -113,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls", action="store_true", help="use TLS to reach --server")
     p.add_argument("--dicom-out", type=Path, default=None, metavar="DIR",
                    help="DICOM inputs only: also write the DICOM results a PACS stores (the SR) into DIR")
+    p.add_argument("--force", action="store_true",
+                   help="predict images outside the intended use too, flagged (research use only; local only)")
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("bench", help="raw model throughput (images/s) at several batch sizes, as JSON")

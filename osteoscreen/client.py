@@ -214,5 +214,8 @@ def predict_files_remote(
                         from osteoscreen.dicom_results import files
 
                         line["dicom"] = [str(p) for p in files.write(_to_result(r).dicom, dicom_out)]
+                    if r.outside_intended_use:  # the server's policy is `flag`
+                        line["out_of_intended_use"] = [{"check": f.check, "value": f.value, "reason": f.reason}
+                                                       for f in r.intended_use_findings]
                     print(json.dumps(line), file=out, flush=True)
     return 1 if failed else 0

@@ -35,3 +35,13 @@ class DicomResultsError(ImageDecodeError):
     """DICOM results were asked for an input that cannot carry them (not DICOM, or lacking the study and
     instance identifiers a PACS files results by): HTTP 400 / gRPC INVALID_ARGUMENT. Its message never
     quotes a value from the input, which may be patient data."""
+
+
+class OutOfIntendedUseError(OsteoScreenError):
+    """The image decodes but is outside what the model was validated for (another body part, view, modality,
+    age, or content unlike the training images), under the `refuse` policy (HTTP 422, gRPC FAILED_PRECONDITION).
+    The message names the check and the value and is safe to return to a remote client."""
+
+    def __init__(self, message: str, findings: tuple = ()) -> None:
+        super().__init__(message)
+        self.findings = findings

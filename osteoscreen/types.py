@@ -25,12 +25,26 @@ class DicomResults:
 
 
 @dataclass(frozen=True)
+class Finding:
+    """One intended-use check an image failed: which check, the value it saw, and why that is outside."""
+
+    check: str  # modality | body_part | view | patient_age | content
+    value: str  # what the image had, e.g. "CHEST", "MR", "74.2"
+    reason: str  # one sentence for a person
+
+    def __str__(self) -> str:
+        return f"{self.check} {self.value}: {self.reason}"
+
+
+@dataclass(frozen=True)
 class Prediction:
     probability: float  # calibrated probability of osteoporosis
     label: str  # "osteoporosis" when probability >= threshold, else "normal"
     threshold: float  # the operating threshold chosen at training time
     model: str  # model name in the BentoML store
     version: str  # model version (BentoML tag version)
+    # intended-use checks this image failed; only ever non-empty under the `flag` policy (refuse raises)
+    findings: tuple[Finding, ...] = ()
     dicom: DicomResults | None = None  # only when the caller asked for DICOM results
 
 
@@ -39,6 +53,7 @@ class Predictor(Protocol):
 
     `predict` takes encoded image files and returns one Prediction per file, in order. It raises
     `errors.ImageDecodeError` (message names the offending index) when any input is unusable,
+    `errors.OutOfIntendedUseError` when an image fails an intended-use check under the `refuse` policy,
     `errors.OverloadedError` when the queue is full or would keep the request past `timeout`,
     `errors.ModelUnavailableError` when the model cannot be reached, and `TimeoutError` when `timeout`
     seconds pass (or could not suffice even on an idle server). `dicom[i]` asks for DICOM results of image

@@ -20,6 +20,7 @@ from starlette.testclient import TestClient
 
 from osteoscreen.dicom_results import reader, sr
 from osteoscreen.errors import DicomResultsError
+from osteoscreen.intended_use.policy import Policy
 from osteoscreen.serving import http
 from osteoscreen.serving.grpc import screening, v2
 from osteoscreen.serving.grpc.server import GrpcServer, GrpcSettings
@@ -168,14 +169,14 @@ class FixedModel:
 
 @pytest.fixture
 def path() -> InferencePath:
-    inference = InferencePath(FixedModel(0.625))
+    inference = InferencePath(FixedModel(0.625), policy=Policy.FLAG)
     inference.set_model(INFO)
     return inference
 
 
 def test_a_non_dicom_input_asking_for_results_never_reaches_the_model():
     model = FixedModel(0.5)
-    inference = InferencePath(model)
+    inference = InferencePath(model, policy=Policy.FLAG)
     inference.set_model(INFO)
     with pytest.raises(DicomResultsError, match="image 1: DICOM results need a DICOM input"):
         asyncio.run(inference.predict([source(), good_png()], dicom=[True, True]))

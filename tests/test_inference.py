@@ -10,6 +10,7 @@ import pytest
 
 from osteoscreen.serving.batching import GreedyBatcher
 from osteoscreen.errors import ImageDecodeError, OverloadedError
+from osteoscreen.intended_use.policy import Policy
 from osteoscreen.serving.inference import InferencePath, ModelInfo
 from osteoscreen.types import InferFn
 from tests.inputs import good_png
@@ -168,7 +169,9 @@ def test_a_malformed_model_answer_is_an_error_not_a_wrong_row() -> None:
 
 
 def ready_path(model: InferFn, max_queue: int = 64) -> InferencePath:
-    path = InferencePath(model, max_queue=max_queue)
+    # flag: these tests are about batching and admission (the fake model has no content check);
+    # tests/test_intended_use.py covers the refuse policy
+    path = InferencePath(model, max_queue=max_queue, policy=Policy.FLAG)
     path.set_model(ModelInfo(name="fake", version="1", backbone="vgg16", threshold=0.5))
     return path
 

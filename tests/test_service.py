@@ -182,6 +182,23 @@ def test_real_jpeg2000_dicom_radiograph_through_grpc(server, channel):
     assert compressed.probability == pytest.approx(plain.probability, abs=1e-5)  # lossless: same pixels
 
 
+def test_a_chest_film_is_answered_and_flagged_under_the_flag_policy(server, channel):
+    """This module's server runs under OSTEOSCREEN_INTENDED_USE=flag (loadtest.server.ServerProcess's default), so
+    the real films above exercise decoding; each protocol says which intended-use checks they fail."""
+    chest = real_radiograph("RG1_J2KR")
+    body = _http(server, chest, content_type="application/dicom").json()
+    assert [(f["check"], f["value"]) for f in body["out_of_intended_use"]][:2] == [("body_part", "CHEST"), ("view", "PA")]
+    own = pb_grpc.ScreeningStub(channel).Predict(pb.PredictRequest(image=chest), timeout=120)
+    assert own.outside_intended_use and [f.check for f in own.intended_use_findings] == \
+        [f["check"] for f in body["out_of_intended_use"]]
+    request = v2.ModelInferRequest(model_name="osteoporosis")
+    request.inputs.add(name="image", datatype="BYTES", shape=[1]).contents.bytes_contents.append(chest)
+    flagged = json.loads(v2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=120)
+                         .parameters["out_of_intended_use"].string_param)
+    assert [(f["index"], f["check"]) for f in flagged][:2] == [(0, "body_part"), (0, "view")]
+    assert _sample(_metrics(server), "osteoscreen_out_of_intended_use_total", check="body_part", action="flagged") >= 3
+
+
 def test_client_deadline_is_honoured(server, channel, images):
     started = time.monotonic()
     with pytest.raises(grpc.RpcError) as error:

@@ -20,6 +20,8 @@ from tqdm import tqdm
 
 from osteoscreen.errors import DataError, ImageDecodeError
 from osteoscreen.imaging.decode import load_image
+from osteoscreen.intended_use.header import header_findings
+from osteoscreen.intended_use.rules import IntendedUse
 from osteoscreen.types import LABELS
 
 MIN_PER_CLASS = 5
@@ -30,6 +32,7 @@ class Sample:
     path: Path
     label: int  # index into LABELS
     patient_id: str
+    age: float | None = None  # years, from the manifest's optional `age` column
 
 
 @dataclass
@@ -67,10 +70,26 @@ def _from_manifest(root: Path, manifest: Path) -> list[Sample]:
             if not path.is_file():
                 missing.append(row["path"])
                 continue
-            samples.append(Sample(path, LABELS.index(row["label"]), row.get("patient_id") or row["path"]))
+            samples.append(Sample(path, LABELS.index(row["label"]), row.get("patient_id") or row["path"],
+                                  _age(row.get("age"), manifest, line)))
     if missing:
         raise DataError(f"{manifest} lists {len(missing)} missing file(s), e.g. {missing[:3]}")
     return samples
+
+
+def _age(value: str | None, manifest: Path, line: int) -> float | None:
+    if value is None or not value.strip():
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise DataError(f"{manifest}:{line}: age {value!r} is not a number of years") from None
+
+
+def age_range(samples: list[Sample], indices: list[int]) -> tuple[float, float] | None:
+    """The ages the training patients covered, when the manifest gives every one of them."""
+    ages = [samples[i].age for i in indices]
+    return (min(ages), max(ages)) if ages and all(a is not None for a in ages) else None
 
 
 def _from_subfolders(root: Path) -> list[Sample]:
@@ -108,15 +127,24 @@ def class_balance(samples: list[Sample], indices: list[int]) -> dict[str, int]:
     return {name: counts[i] for i, name in enumerate(LABELS)}
 
 
-def read_images(samples: list[Sample]) -> tuple[list[np.ndarray | None], list[str], list[str]]:
+def read_images(samples: list[Sample], force: bool = False) -> tuple[list[np.ndarray | None], list[str], list[str]]:
     """Decode every sample through the serving path: (model inputs, sha256 per file, problems).
 
-    A file that fails to decode is reported and left out (None), never guessed at.
+    A file that fails to decode is reported and left out (None), never guessed at; so is a DICOM whose header
+    says it is not a lumbar spine radiograph (another modality, body part or view: a chest film in the folder
+    would teach the model, and its content check, the wrong anatomy), unless `force` (research use).
+    Patient age is not checked here: the training ages are what define the model's age range.
     """
+    rules = IntendedUse(age_years=(0.0, float("inf")))
     images, hashes, problems = [], [], []
     for sample in tqdm(samples, desc="reading images", unit="img"):
         data = sample.path.read_bytes()
         hashes.append(hashlib.sha256(data).hexdigest())
+        findings = [] if force else header_findings(data, None, rules)
+        if findings:
+            images.append(None)
+            problems.append(f"{sample.path}: outside the intended use: " + "; ".join(f.reason for f in findings))
+            continue
         try:
             images.append(load_image(data))
         except ImageDecodeError as exc:

@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from osteoscreen import phantom
+from osteoscreen.intended_use import rules as intended_use
+from osteoscreen.intended_use.content import ContentCheck
 from osteoscreen.model.specs import get_spec
 
 from training import dataset, evaluate, fit, report
@@ -34,11 +36,12 @@ class Outcome:
     reference: object  # the 3-channel keras model the extractor was folded from
     p_test: np.ndarray
     y_test: np.ndarray
+    content_check: ContentCheck | None = None
 
 
-def load(data_dir: Path) -> LoadedData:
+def load(data_dir: Path, force: bool = False) -> LoadedData:
     samples = dataset.load_folder(data_dir)
-    images, hashes, problems = dataset.read_images(samples)
+    images, hashes, problems = dataset.read_images(samples, force=force)
     for problem in problems:
         print(f"skipped unreadable file {problem}", file=sys.stderr)
     keep = [i for i, image in enumerate(images) if image is not None]
@@ -85,6 +88,9 @@ def evaluate_backbone(data: LoadedData, split: dataset.Split, backbone: str, ran
     fitted = fit.fit(train_feats, y[rows], groups[rows], seed=seed, search_iterations=search_iterations)
     p_val = fitted.model.predict_proba(fit.stack(val_feats, fitted.features))[:, 1]
     threshold = fit.choose_threshold(y[split.val], p_val)
+    # the content check learns what the training images look like to this model (augmented copies included:
+    # they are the variation the model was taught to accept) and sets its cut-off on validation images
+    content = ContentCheck.fit(fit.stack(train_feats, fitted.features), fit.stack(val_feats, fitted.features))
     p_test = fitted.model.predict_proba(fit.stack(test_feats, fitted.features))[:, 1]
     y_test = y[split.test]
     metrics = {
@@ -109,16 +115,18 @@ def evaluate_backbone(data: LoadedData, split: dataset.Split, backbone: str, ran
         "skipped": data.skipped,
         "seed": seed,
     }
-    return Outcome(metrics, fitted, reference, p_test, y_test)
+    p_test_scores = content.scores(fit.stack(test_feats, fitted.features))
+    metrics["content_test_acceptance"] = float(np.mean(p_test_scores <= content.cutoff))
+    return Outcome(metrics, fitted, reference, p_test, y_test, content)
 
 
 def run(data_dir: Path, backbone: str = "vgg16", reports: Path = Path("reports"), random_weights: bool = False,
         seed: int = 0, register: bool = True, augment_rounds: int = AUGMENT_ROUNDS,
-        search_iterations: int = fit.SEARCH_ITERATIONS) -> str:
+        search_iterations: int = fit.SEARCH_ITERATIONS, force: bool = False) -> str:
     from osteoscreen.model import backbones, bundle
 
     started = time.perf_counter()
-    data = load(data_dir)
+    data = load(data_dir, force=force)
     split = dataset.split(data.samples, seed=seed)
     for part in ("train", "val", "test"):
         print(f"{part}: {dataset.class_balance(data.samples, getattr(split, part))}", file=sys.stderr)
@@ -141,5 +149,22 @@ def run(data_dir: Path, backbone: str = "vgg16", reports: Path = Path("reports")
                                          "training_data": {"synthetic": phantom.is_phantom_set(data_dir)},
                                          "training": {"seed": seed, "augment_rounds": augment_rounds,
                                                       "search_iterations": search_iterations,
-                                                      "data_dir": str(data_dir)}})
+                                                      "data_dir": str(data_dir)},
+                                         "intended_use": intended_use_card(data, split, outcome)},
+                               content_check=outcome.content_check)
     return bundle.register(model)
+
+
+def intended_use_card(data: LoadedData, split: dataset.Split, outcome: Outcome) -> dict:
+    """The model card's `intended_use`: header rules, the ages the training patients covered (or the declared
+    screening population when the manifest has no ages), and the content check's cut-off."""
+    ages = dataset.age_range(data.samples, split.train)
+    rules = intended_use.IntendedUse()
+    if ages is not None:
+        rules = intended_use.IntendedUse(age_years=ages, age_source=f"ages of the {len(split.train)} training patients")
+    card = rules.to_dict()
+    if outcome.content_check is not None:
+        card.update(outcome.content_check.card())
+    card["statement"] = ("Lateral lumbar spine radiographs (CR/DX) of adults, like the training images; other "
+                         "body parts, views, modalities and pictures are refused or flagged.")
+    return card

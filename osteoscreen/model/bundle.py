@@ -23,6 +23,7 @@ MODEL_NAME = "osteoscreen"
 _EXTRACTOR_FILE = "extractor.keras"
 _CLASSIFIER_FILE = "classifier.joblib"
 _CARD_FILE = "model_card.json"
+_CONTENT_CHECK_FILE = "content_check.joblib"
 
 
 @dataclass
@@ -35,6 +36,9 @@ class ModelBundle:
     name: str = MODEL_NAME
     version: str = "unregistered"
     metadata: dict = field(default_factory=dict)
+    # osteoscreen.intended_use.content.ContentCheck fitted on this model's training features; None in models
+    # trained before intended-use checks existed (their content scores are NaN, which the policy treats as failed)
+    content_check: Any = None
 
     def features_of(self, batch: np.ndarray) -> np.ndarray:
         """(N, 224, 224, 1) -> (N, D): the feature sets the classifier was trained on, in order."""
@@ -44,6 +48,21 @@ class ModelBundle:
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
         """Calibrated probability of osteoporosis for each image of the batch."""
         return self.classifier.predict_proba(self.features_of(batch))[:, 1].astype(np.float32)
+
+    def assess(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Probabilities and content (out-of-distribution) scores, from one pass of the extractor."""
+        features = self.features_of(batch)
+        probabilities = self.classifier.predict_proba(features)[:, 1].astype(np.float32)
+        if self.content_check is None:
+            return probabilities, np.full(len(features), np.nan, np.float32)
+        return probabilities, self.content_check.scores(features)
+
+    @property
+    def intended_use(self):
+        """The model card's intended use (`osteoscreen.intended_use.rules.IntendedUse`)."""
+        from osteoscreen.intended_use.rules import IntendedUse
+
+        return IntendedUse.from_dict(self.metadata.get("intended_use"))
 
     def predictions(self, batch: np.ndarray) -> list[Prediction]:
         return [self.prediction(float(p)) for p in self.probabilities(batch)]
@@ -68,6 +87,8 @@ def register(bundle: ModelBundle) -> str:
     with bentoml.models.create(bundle.name, labels=labels, metadata=_summary(card), module="osteoscreen.model.bundle") as model:
         bundle.extractor.save(model.path_of(_EXTRACTOR_FILE))
         joblib.dump(bundle.classifier, model.path_of(_CLASSIFIER_FILE))
+        if bundle.content_check is not None:
+            joblib.dump(bundle.content_check, model.path_of(_CONTENT_CHECK_FILE))
         Path(model.path_of(_CARD_FILE)).write_text(json.dumps(card, indent=2))
     bundle.version = model.tag.version
     return str(model.tag)
@@ -97,6 +118,7 @@ def load(tag: str | None = None) -> ModelBundle:
             f"no registered model {tag or MODEL_NAME + ':latest'}; train one with `osteoscreen train --data DIR`"
         )
     card = json.loads(Path(model.path_of(_CARD_FILE)).read_text())
+    content_file = Path(model.path_of(_CONTENT_CHECK_FILE))
     return ModelBundle(
         extractor=keras.saving.load_model(model.path_of(_EXTRACTOR_FILE), compile=False),
         classifier=joblib.load(model.path_of(_CLASSIFIER_FILE)),
@@ -106,6 +128,7 @@ def load(tag: str | None = None) -> ModelBundle:
         name=model.tag.name,
         version=model.tag.version,
         metadata=card,
+        content_check=joblib.load(content_file) if content_file.exists() else None,
     )
 
 
@@ -118,6 +141,10 @@ def _summary(card: dict) -> dict:
                 "sensitivity", "specificity", "min_sensitivity"):
         if metrics.get(key) is not None:
             facts[key] = metrics[key]
+    intended = card.get("intended_use") or {}
+    for key in ("content_cutoff", "content_acceptance"):
+        if intended.get(key) is not None:
+            facts[key] = intended[key]
     return facts
 
 

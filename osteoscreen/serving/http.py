@@ -1,6 +1,8 @@
 """`POST /predict` over HTTP: the image as multipart field `image` or as the raw request body; the optional
 header `X-Request-Timeout` (seconds, default and cap 60) is the caller's deadline. With `Accept:
 application/dicom` (DICOM input only) the answer is the DICOM SR file a PACS stores, the result in headers.
+header `X-Request-Timeout` (seconds, default and cap 60) is the caller's deadline. An image outside the model's
+intended use gets 422 with the reason (policy `refuse`), or the answer plus `out_of_intended_use` (policy `flag`).
 
 A small Starlette app mounted into the BentoML service, rather than a `@bentoml.api`, because the
 contract takes both body forms and must answer bad input with a plain 400 and its reason; BentoML's
@@ -10,6 +12,7 @@ file inputs would also fetch URLs given in the body, which a screening server mu
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -17,7 +20,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from osteoscreen.serving import metrics
-from osteoscreen.errors import ImageDecodeError, ModelUnavailableError, OverloadedError
+from osteoscreen.errors import ImageDecodeError, ModelUnavailableError, OutOfIntendedUseError, OverloadedError
 from osteoscreen.imaging.decode import MAX_BYTES
 from osteoscreen.types import Prediction, Predictor
 
@@ -105,6 +108,8 @@ async def predict(request: Request) -> Response:
             prediction = (await predictor.predict([data], [hint], timeout=timeout))[0]
     except ImageDecodeError as exc:
         return _error(400, str(exc), "invalid_input")
+    except OutOfIntendedUseError as exc:  # decodes fine, but not what the model is for: 422, not 400
+        return _error(422, str(exc), "intended_use")
     except OverloadedError as exc:
         return _error(503, str(exc), "overloaded")
     except ModelUnavailableError as exc:
@@ -116,12 +121,15 @@ async def predict(request: Request) -> Response:
         metrics.REQUEST_DURATION.labels(protocol="http", api="predict").observe(time.perf_counter() - started)
     if dicom:
         return _dicom_response(prediction)
-    return JSONResponse({
+    body = {
         "probability": prediction.probability,
         "label": prediction.label,
         "threshold": prediction.threshold,
         "model": f"{prediction.model}:{prediction.version}",
-    })
+    }
+    if prediction.findings:  # only under OSTEOSCREEN_INTENDED_USE=flag: the checks this image failed
+        body["out_of_intended_use"] = [asdict(f) for f in prediction.findings]
+    return JSONResponse(body)
 
 
 def create_app(predictor: Predictor | None = None) -> Starlette:

@@ -6,6 +6,11 @@ extractor + calibrated RF -> Prediction. Admission is bounded twice: by images w
 which bounds memory) and by time: a request that the images ahead of it would keep past its deadline is
 refused at once (OverloadedError -> 503 / RESOURCE_EXHAUSTED) instead of joining a queue it would time
 out in. The model's speed comes with its answers, so the estimate follows the hardware and batch sizes.
+
+Intended use (`osteoscreen.intended_use`): DICOM header checks run beside decoding, so under `refuse` a chest
+film costs no model time; the content check compares the score the model service computes from the same
+features as the probability with the cut-off of the model card. Failed checks raise OutOfIntendedUseError
+(refuse) or travel in `Prediction.findings` (flag).
 """
 
 from __future__ import annotations
@@ -23,14 +28,18 @@ from osteoscreen.dicom_results import sr
 from osteoscreen.serving import metrics
 from osteoscreen.errors import ImageDecodeError, ModelUnavailableError, OverloadedError
 from osteoscreen.imaging.decode import load_image
-from osteoscreen.types import LABELS, InferFn, Prediction
+from osteoscreen.intended_use.header import header_findings
+from osteoscreen.intended_use.policy import Policy, content_finding, enforce
+from osteoscreen.intended_use.rules import IntendedUse
+from osteoscreen.types import LABELS, Finding, InferFn, Prediction
 
 # refuse when the expected wait exceeds this share of the deadline: on a busy machine the estimate runs
 # low (decoding competes with the model for cores), and a queue of half a deadline keeps the model busy
 DEADLINE_SHARE = 0.5
 SPEED_SMOOTHING = 0.3  # weight of the newest batch in the moving average of seconds per image
-# infer answers each image with a row: probability, its batch's compute seconds, its batch's size
-PROBABILITY, BATCH_SECONDS, BATCH_SIZE = range(3)
+# infer answers each image with a row: probability, its batch's compute seconds, its batch's size, and the
+# content (out-of-distribution) score of the intended-use check
+PROBABILITY, BATCH_SECONDS, BATCH_SIZE, CONTENT_SCORE = range(4)
 
 
 @dataclass(frozen=True)
@@ -39,21 +48,25 @@ class ModelInfo:
     version: str
     backbone: str
     threshold: float
+    intended_use: dict | None = None  # the model card's `intended_use` (rules and content cut-off)
     clinical: bool = False  # the model card records real (not phantom) training data; only then no "not for clinical use"
 
 
 class InferencePath:
     """Implements `types.Predictor` over a (remote, batched) model call."""
 
-    def __init__(self, infer: InferFn, max_queue: int | None = None):
+    def __init__(self, infer: InferFn, max_queue: int | None = None, policy: Policy | None = None):
         self._infer = infer
         self._info: ModelInfo | None = None
+        self._rules = IntendedUse()
+        self.policy = policy or Policy.from_env()
         self.max_queue = max_queue or int(os.environ.get("OSTEOSCREEN_MAX_QUEUE", "64"))
         self.queued = 0  # images admitted and not yet answered, in this worker
         self.seconds_per_image: float | None = None  # the model's recent speed; None until its first answer
 
     def set_model(self, info: ModelInfo) -> None:
         self._info = info
+        self._rules = IntendedUse.from_dict(info.intended_use)
         metrics.MODEL_INFO.labels(name=info.name, version=info.version, backbone=info.backbone).set(1)
 
     def is_ready(self) -> bool:
@@ -86,9 +99,12 @@ class InferencePath:
             _indexed(len(images), i, sr.require_dicom, images[i], hints[i])
         self._admit(len(images), timeout)
         self.queued += len(images)
+        rules = self._rules
         try:
             async with asyncio.timeout(timeout):
-                batch = await self._decode(images, hints)
+                batch, headers = await self._decode(images, hints, rules)
+                if self.policy is Policy.REFUSE:
+                    self._apply(headers)  # refuse before spending model time on it
                 sent = time.perf_counter()
                 out = np.asarray(await self._infer(batch))
         finally:
@@ -96,12 +112,17 @@ class InferencePath:
         compute, size = float(out[0, BATCH_SECONDS]), float(out[0, BATCH_SIZE])
         metrics.QUEUE_WAIT.observe(max(0.0, time.perf_counter() - sent - compute))
         self._learn(compute / size)
+        scores = out[:, CONTENT_SCORE] if out.shape[1] > CONTENT_SCORE else np.full(len(out), np.nan)
+        findings = [headers[i] + [f for f in [content_finding(float(scores[i]), rules.content_cutoff)] if f]
+                    for i in range(len(out))]
+        self._apply(findings)
         predictions = []
-        for probability in out[:, PROBABILITY].tolist():
+        for probability, found in zip(out[:, PROBABILITY].tolist(), findings):
             label = LABELS[1] if probability >= info.threshold else LABELS[0]
             metrics.PREDICTIONS.labels(label=label).inc()
             metrics.PROBABILITY.observe(probability)
-            predictions.append(Prediction(probability, label, info.threshold, info.name, info.version))
+            predictions.append(Prediction(probability, label, info.threshold, info.name, info.version,
+                                          findings=tuple(found)))
         if any(wants_dicom):
             predictions = await self._with_dicom(images, hints, predictions, wants_dicom, info)
         return predictions
@@ -120,6 +141,14 @@ class InferencePath:
             return dataclasses.replace(predictions[i], dicom=results)
 
         return list(await asyncio.gather(*(one(i) for i in range(len(images)))))
+
+    def _apply(self, findings: list[list[Finding]]) -> None:
+        """Count the images outside the intended use (by the first check each failed), then apply the policy."""
+        action = "refused" if self.policy is Policy.REFUSE else "flagged"
+        for found in findings:
+            if found:
+                metrics.OUT_OF_INTENDED_USE.labels(check=found[0].check, action=action).inc()
+        enforce(findings, self.policy)
 
     def _admit(self, n: int, timeout: float | None) -> None:
         if self.queued + n > self.max_queue:
@@ -141,14 +170,20 @@ class InferencePath:
         self.seconds_per_image = sample if old is None else old + SPEED_SMOOTHING * (sample - old)
 
     @staticmethod
-    async def _decode(images: Sequence[bytes], hints: list[str | None]) -> np.ndarray:
-        async def one(index: int) -> np.ndarray:
+    async def _decode(images: Sequence[bytes], hints: list[str | None],
+                      rules: IntendedUse) -> tuple[np.ndarray, list[list[Finding]]]:
+        def read(index: int) -> tuple[np.ndarray, list[Finding]]:
+            image = load_image(images[index], hints[index])  # first: undecodable input is a 400, whatever its header
+            return image, header_findings(images[index], hints[index], rules)
+
+        async def one(index: int) -> tuple[np.ndarray, list[Finding]]:
             try:
-                return await asyncio.to_thread(load_image, images[index], hints[index])
+                return await asyncio.to_thread(read, index)
             except ImageDecodeError as exc:
                 raise ImageDecodeError(f"image {index}: {exc}" if len(images) > 1 else str(exc)) from None
 
-        return np.stack(await asyncio.gather(*(one(i) for i in range(len(images)))))
+        decoded = await asyncio.gather(*(one(i) for i in range(len(images))))
+        return np.stack([image for image, _ in decoded]), [found for _, found in decoded]
 
 
 def _indexed(count: int, index: int, fn, *args):

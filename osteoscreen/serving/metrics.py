@@ -43,7 +43,7 @@ BATCH_SIZE = bentoml.metrics.Histogram(
 REJECTED = bentoml.metrics.Counter(
     name="osteoscreen_rejected_requests_total",
     documentation="Requests refused or failed before an answer, by protocol and reason "
-                  "(invalid_input, overloaded, deadline, unavailable).",
+                  "(invalid_input, intended_use, overloaded, deadline, unavailable).",
     labelnames=["protocol", "reason"],
 )
 PREDICTIONS = bentoml.metrics.Counter(
@@ -61,4 +61,10 @@ MODEL_INFO = bentoml.metrics.Gauge(
     documentation="Always 1; labels name the model being served.",
     labelnames=["name", "version", "backbone"],
     multiprocess_mode="max",
+)
+OUT_OF_INTENDED_USE = bentoml.metrics.Counter(
+    name="osteoscreen_out_of_intended_use_total",
+    documentation="Images outside the model's intended use, by the first check they failed (modality, body_part, "
+                  "view, patient_age, content) and what was done (refused, flagged).",
+    labelnames=["check", "action"],
 )

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Sequence
 import grpc
 
 from osteoscreen import codegen
-from osteoscreen.errors import ImageDecodeError
+from osteoscreen.errors import ImageDecodeError, OutOfIntendedUseError
 from osteoscreen.types import Prediction, Predictor
 
 codegen.ensure_stubs()
@@ -60,6 +60,9 @@ def to_response(prediction: Prediction, request_id: str) -> pb.PredictResponse:
         model_name=prediction.model,
         model_version=prediction.version,
         request_id=request_id,
+        outside_intended_use=bool(prediction.findings),
+        intended_use_findings=[pb.IntendedUseFinding(check=f.check, value=f.value, reason=f.reason)
+                               for f in prediction.findings],
         dicom_sr=dicom.sr if dicom else b"",
         dicom_images=list(dicom.images) if dicom else [],
         dicom_sr_sop_instance_uid=dicom.sr_sop_instance_uid if dicom else "",
@@ -142,3 +145,5 @@ class ScreeningServicer(pb_grpc.ScreeningServicer):
             return await self.Predict(request, context)
         except ImageDecodeError as exc:
             raise ImageDecodeError(f"request_id {request.request_id!r}: {exc}") from exc
+        except OutOfIntendedUseError as exc:
+            raise OutOfIntendedUseError(f"request_id {request.request_id!r}: {exc}", exc.findings) from exc

@@ -29,7 +29,8 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 from osteoscreen.serving.grpc import screening, v2
 from osteoscreen.serving import metrics
 from osteoscreen._generated import POOL
-from osteoscreen.errors import ImageDecodeError, ModelNotFoundError, ModelUnavailableError, OverloadedError
+from osteoscreen.errors import (ImageDecodeError, ModelNotFoundError, ModelUnavailableError, OutOfIntendedUseError,
+                                OverloadedError)
 from osteoscreen.types import Predictor
 
 log = logging.getLogger("osteoscreen.grpc")
@@ -44,6 +45,7 @@ PREDICTION_METHODS = {
 }
 REJECTION_REASONS = {
     grpc.StatusCode.INVALID_ARGUMENT: "invalid_input",
+    grpc.StatusCode.FAILED_PRECONDITION: "intended_use",
     grpc.StatusCode.RESOURCE_EXHAUSTED: "overloaded",
     grpc.StatusCode.DEADLINE_EXCEEDED: "deadline",
     grpc.StatusCode.UNAVAILABLE: "unavailable",
@@ -91,6 +93,8 @@ class GrpcSettings:
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The one map from exceptions to gRPC status, for every servicer. Unknown errors get a generic
     message (never a traceback) plus a reference that is also in the server log."""
+    if isinstance(exc, OutOfIntendedUseError):  # a valid image the model is not for: retrying cannot help
+        return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
     if isinstance(exc, ImageDecodeError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc) or "the image could not be decoded"
     if isinstance(exc, OverloadedError):

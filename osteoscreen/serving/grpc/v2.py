@@ -1,15 +1,22 @@
 """`inference.GRPCInferenceService` (KServe/Triton Open Inference Protocol v2) over `Predictor.predict`.
 
 One model, `osteoporosis`: input `image` (BYTES, [N], one encoded file per element), outputs `probability`
-(FP32, [N]) and `label` (BYTES, [N]), plus `dicom_sr` (BYTES, [N], a DICOM SR file per image) when the
-request parameter `dicom_results` is true or the output is named. Inputs may come in `contents.bytes_contents`
-or in `raw_input_contents` (per element a 4-byte little-endian length, then the bytes); answers use the same
-form as the request, because tritonclient reads only raw outputs for FP32. Protocol mistakes are answered
-here with INVALID_ARGUMENT / NOT_FOUND; domain errors propagate to the interceptor in `grpc_server`.
+(FP32, [N]) and `label` (BYTES, [N]). Inputs may come in `contents.bytes_contents` or in `raw_input_contents`
+(per element a 4-byte little-endian length, then the bytes); answers use the same form as the request,
+because tritonclient reads only raw outputs for FP32. Protocol mistakes are answered here with
+INVALID_ARGUMENT / NOT_FOUND; domain errors propagate to the interceptor in `grpc_server`.
+
+DICOM results: `dicom_sr` (BYTES, [N], a DICOM SR file per image) is added when the request parameter
+`dicom_results` is true or the output is named.
+
+Intended use: under the `flag` policy, images that failed a check are named in the response parameter
+`out_of_intended_use` (a JSON list of {"index", "check", "value", "reason"}), so the outputs, and the stock
+clients that read them, stay as they are; under `refuse` the call fails with FAILED_PRECONDITION.
 """
 
 from __future__ import annotations
 
+import json
 import struct
 
 import grpc
@@ -28,6 +35,7 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name 
 SERVER_NAME = "osteoscreen"
 MODEL_NAME = "osteoporosis"
 INPUT_NAME = "image"
+FINDINGS_PARAMETER = "out_of_intended_use"
 OUTPUTS = {"probability": "FP32", "label": "BYTES"}
 # DICOM results, on request only: parameter `dicom_results` (bool) or naming the output; one SR file per image.
 DICOM_PARAMETER = "dicom_results"
@@ -121,6 +129,10 @@ def build_response(
         DICOM_OUTPUT: [p.dicom.sr if p.dicom else b"" for p in predictions],
     }
     response = pb.ModelInferResponse(model_name=MODEL_NAME, model_version=version, id=request.id)
+    flagged = [{"index": i, "check": f.check, "value": f.value, "reason": f.reason}
+               for i, p in enumerate(predictions) for f in p.findings]
+    if flagged:
+        response.parameters[FINDINGS_PARAMETER].string_param = json.dumps(flagged)
     for name in outputs:
         tensor = response.outputs.add(name=name, datatype=OUTPUTS.get(name, "BYTES"), shape=[len(predictions)])
         data = values[name]
