@@ -221,3 +221,32 @@ def test_skip_unreadable_lists_what_it_left_out(tmp_path):
     (bad / "normal" / "broken.png").write_bytes(b"not an image")
     loaded = cohort.load(bad, skip_unreadable=True)
     assert len(loaded.samples) == 12 and len(loaded.skipped) == 1 and "broken.png" in loaded.skipped[0]
+
+
+def test_a_version_whose_parts_were_swapped_is_refused(tmp_path, monkeypatch):
+    """verify() recomputes both hashes from what is stored and compares them with the record."""
+    from osteoscreen.model import bundle
+
+    X, y = _features(200, 3, 0.0, 0.4)
+    forest = RandomForestClassifier(n_estimators=10, random_state=0)
+    parent = CalibratedClassifierCV(forest, method="sigmoid", cv=3, ensemble=False).fit(X, y)
+    child = recalibrate.recalibrated(parent, X[:100], y[:100])
+    extractor = tmp_path / "extractor.keras"
+    extractor.write_bytes(b"the parent's extractor")
+    monkeypatch.setattr(bundle, "stored_file", lambda tag, part: extractor)
+    monkeypatch.setattr(bundle, "find_model", lambda tag=None: None)  # parent no longer in the store
+    record = {"parent": "osteoscreen:parent", "extractor_sha256": cohort.file_sha256(extractor),
+              "forest_sha256": lineage.forest_sha256(parent)}
+
+    def version(classifier) -> bundle.ModelBundle:
+        return bundle.ModelBundle(None, classifier, [], 0.5, "vgg16", version="child",
+                                  metadata={"recalibration": record})
+
+    assert lineage.verify(version(child))["forest_sha256"] == record["forest_sha256"]
+    other = CalibratedClassifierCV(RandomForestClassifier(n_estimators=10, random_state=1), cv=3, ensemble=False).fit(X, y)
+    with pytest.raises(lineage.LineageError, match="forest sha256"):
+        lineage.verify(version(other))
+    extractor.write_bytes(b"another extractor")
+    with pytest.raises(lineage.LineageError, match="extractor sha256"):
+        lineage.verify(version(child))
+    assert lineage.verify(bundle.ModelBundle(None, parent, [], 0.5, "vgg16")) is None  # a trained model: nothing to check
