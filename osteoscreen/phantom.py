@@ -125,7 +125,7 @@ class PhantomConfig:
 DEFAULT_CONFIG = PhantomConfig()
 
 # Site A is the demo training set. Site B: another hospital's scanner (half the dose, a harder beam, a
-# blurrier detector, a brighter display curve) and an older population (about 55 % osteoporosis vs 35 %).
+# blurrier detector, a brighter display curve) and an older population (about half osteoporosis vs a third).
 SITES: dict[str, PhantomConfig] = {
     "A": DEFAULT_CONFIG,
     "B": replace(DEFAULT_CONFIG, site="B", exposure=0.5, contrast=0.8, blur=1.6, gamma=0.85, t_mean=-2.7, t_sd=1.1),
@@ -665,9 +665,10 @@ def generate_dataset(out: Path, n: int, seed: int = 0, config: PhantomConfig = D
     """Write `n` labelled phantom radiographs under `out` and return the path of `out/manifest.csv`.
 
     Images go to `out/normal/` and `out/osteoporosis/`; the manifest lists
-    `path,label,patient_id,t_score,site,sex,age,bits` with paths relative to `out`. Files are first written to a staging folder inside `out` and moved into
-    place at the end, and the manifest is written last, so an interrupted run leaves no half set behind
-    that looks complete. Same seed and config give byte-identical files.
+    `path,label,patient_id,t_score,site,sex,age,bits` with paths relative to `out`. Files are first written
+    to a staging folder inside `out` and moved into place at the end, and the manifest is written last, so
+    an interrupted run leaves no half set behind that looks complete. Same seed and config give
+    byte-identical files.
     """
     from tqdm import tqdm
 
