@@ -24,8 +24,12 @@ def _cmd_weights(args: argparse.Namespace) -> int:
 def _cmd_synth(args: argparse.Namespace) -> int:
     from osteoscreen import phantom
 
-    manifest = phantom.generate_dataset(Path(args.out), n=args.n, seed=args.seed)
-    print(f"wrote {args.n} synthetic radiographs; manifest: {manifest}")
+    from osteoscreen.errors import DataError
+
+    if args.site not in phantom.SITES:
+        raise DataError(f"unknown site {args.site!r}; the phantom has sites {', '.join(sorted(phantom.SITES))}")
+    manifest = phantom.generate_dataset(Path(args.out), n=args.n, seed=args.seed, config=phantom.SITES[args.site])
+    print(f"wrote {args.n} synthetic radiographs (site {args.site}); manifest: {manifest}")
     return 0
 
 
@@ -52,6 +56,23 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
     table = compare.run(Path(args.data), reports=Path(args.reports), seed=args.seed)
     print(table)
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from training.site import evaluate
+
+    evaluate.run(Path(args.data), model_tag=args.model, reports=Path(args.reports),
+                 skip_unreadable=args.skip_unreadable, seed=args.seed)
+    print(Path(args.reports) / "evaluation.md")
+    return 0
+
+
+def _cmd_recalibrate(args: argparse.Namespace) -> int:
+    from training.site import recalibrate
+
+    print(recalibrate.run(Path(args.data), model_tag=args.model, reports=Path(args.reports), holdout=args.holdout,
+                          method=args.method, seed=args.seed, skip_unreadable=args.skip_unreadable))
     return 0
 
 
@@ -88,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--n", type=int, default=400)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--site", default="A",
+                   help="scanner and population: A is the demo training site, B a shifted one (site validation)")
     p.set_defaults(func=_cmd_synth)
 
     p = sub.add_parser("train", help="extract features, fit and evaluate the RF, register the model")
@@ -110,6 +133,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reports", default="reports")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_compare)
+
+    p = sub.add_parser("evaluate", help="site validation: a registered model, unchanged, on your labelled images")
+    p.add_argument("--data", required=True, help="labelled folder (normal/, osteoporosis/, optional manifest.csv)")
+    p.add_argument("--model", default=None, help="model tag (default: the latest registered)")
+    p.add_argument("--reports", default="reports", help="where evaluation.json, evaluation.md and plots go")
+    p.add_argument("--skip-unreadable", action="store_true", help="validate without files that cannot be read")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("recalibrate", help="fit a new calibrator and threshold on part of your labelled images, "
+                                           "check them on the rest, register a new version")
+    p.add_argument("--data", required=True, help="labelled folder (normal/, osteoporosis/, optional manifest.csv)")
+    p.add_argument("--model", required=True, help="the parent model tag")
+    p.add_argument("--reports", default="reports", help="where recalibration.json, recalibration.md and plots go")
+    p.add_argument("--holdout", type=float, default=0.5, help="share of patients held out to report on")
+    p.add_argument("--method", choices=["sigmoid", "isotonic"], default="sigmoid")
+    p.add_argument("--skip-unreadable", action="store_true", help="use only the files that can be read")
+    p.add_argument("--seed", type=int, default=0, help="split and bootstrap seed")
+    p.set_defaults(func=_cmd_recalibrate)
 
     p = sub.add_parser("predict", help="predict files locally (or against a server with --server)")
     p.add_argument("files", nargs="+")

@@ -42,6 +42,17 @@ All live in `PhantomConfig` (defaults in `DEFAULT_CONFIG`): ``visible_sd`` (DXA-
 main ceiling on AUC), ``signal`` (scales every density sign; 0 makes the classes indistinguishable),
 ``fracture_rate`` (fractures are an almost certain giveaway), ``noise`` and ``nuisance`` (spread of
 acquisition and processing). ``t_mean``/``t_sd`` set the class balance (about 35 % osteoporosis).
+
+Sites
+-----
+A model moves between hospitals, so the phantom has sites (`SITES`, `osteoscreen synth --site`): each is
+another scanner and population. ``exposure`` (dose: quantum noise grows as ``1/sqrt(exposure)``),
+``contrast`` (bone contrast, lower with a harder beam), ``blur`` (focal spot and detector unsharpness),
+``gamma`` (the vendor's display curve) and the density distribution (``t_mean``/``t_sd``) shift the images and
+the prevalence while the link between bone and label stays the same: what site validation and
+recalibration are for. Site "A" is the default set; its images are unchanged by the site knobs. The manifest
+also records each patient's sex and age (drawn from their own stream, age falling with T as in a real
+referred population; the images do not depend on them) and each file's bit depth, for subgroup tables.
 """
 
 from __future__ import annotations
@@ -65,7 +76,7 @@ from osteoscreen.errors import DataError
 THRESHOLD = -2.5  # WHO: osteoporosis when T <= -2.5
 LABELS = ("normal", "osteoporosis")
 MANIFEST = "manifest.csv"
-MANIFEST_HEADER = ("path", "label", "patient_id", "t_score")
+MANIFEST_HEADER = ("path", "label", "patient_id", "t_score", "site", "sex", "age", "bits")
 # Written beside the manifest: a model trained on this folder is a demo, and its DICOM results say so.
 PROVENANCE = "phantom.json"
 
@@ -93,12 +104,18 @@ class PhantomConfig:
     size: tuple[int, int] = (448, 640)  # image height range in pixels
     aspect: tuple[float, float] = (0.78, 1.05)  # width / height range
     frac_16bit: float = 0.5  # share of 16-bit PNGs
+    site: str = "A"  # written to the manifest's `site` column
+    exposure: float = 1.0  # dose relative to site A: quantum noise scales with 1/sqrt(exposure)
+    contrast: float = 1.0  # multiplies bone contrast (beam hardness)
+    blur: float = 1.0  # multiplies focal spot / detector blur
+    gamma: float = 1.0  # multiplies the display gamma (processing curve)
 
     def __post_init__(self) -> None:
         problems = [name for name, ok in (
             ("t_min < t_max", self.t_min < self.t_max),
             ("non-negative t_sd, visible_sd, signal, noise, nuisance, fracture_rate",
              min(self.t_sd, self.visible_sd, self.signal, self.noise, self.nuisance, self.fracture_rate) >= 0),
+            ("positive exposure, contrast, blur, gamma", min(self.exposure, self.contrast, self.blur, self.gamma) > 0),
             ("1 <= views[0] <= views[1]", 1 <= self.views[0] <= self.views[1]),
             ("64 <= size[0] <= size[1]", 64 <= self.size[0] <= self.size[1]),
             ("0 < aspect[0] <= aspect[1]", 0 < self.aspect[0] <= self.aspect[1]),
@@ -109,6 +126,13 @@ class PhantomConfig:
 
 
 DEFAULT_CONFIG = PhantomConfig()
+
+# Site A is the demo training set. Site B: another hospital's scanner (half the dose, a harder beam, a
+# blurrier detector, a brighter display curve) and an older population (about half osteoporosis vs a third).
+SITES: dict[str, PhantomConfig] = {
+    "A": DEFAULT_CONFIG,
+    "B": replace(DEFAULT_CONFIG, site="B", exposure=0.5, contrast=0.8, blur=1.6, gamma=0.85, t_mean=-2.7, t_sd=1.1),
+}
 
 
 def label_for(t_score: float) -> str:
@@ -309,15 +333,15 @@ def _sample_view(rng: np.random.Generator, patient: _Patient, cfg: PhantomConfig
     offset = np.array([width / 2, height / 2]) - to_px @ centre_mm
     return _View(
         height=height, width=width, to_px=to_px, offset=offset,
-        bone_gain=float(np.exp(rng.normal(0.0, 0.15 * j))),
+        bone_gain=float(np.exp(rng.normal(0.0, 0.15 * j))) * cfg.contrast,
         scatter=float(np.clip(0.12 + 0.35 * (patient.habitus - 0.8) + rng.normal(0.0, 0.04), 0.03, 0.45)),
-        blur_px=float(rng.uniform(0.5, 1.3)),
-        noise=float(rng.uniform(0.006, 0.02) * cfg.noise),
+        blur_px=float(rng.uniform(0.5, 1.3)) * cfg.blur,
+        noise=float(rng.uniform(0.006, 0.02) * cfg.noise) / math.sqrt(cfg.exposure),
         equalize=float(np.clip(rng.normal(0.5, 0.12 * j), 0.1, 0.8)),
         sharpen=float(rng.uniform(0.0, 0.8 * j)),
         sharpen_px=float(rng.uniform(2.0, 6.0)),
         window=(float(rng.uniform(0.1, 0.1 + 2.5 * j)), float(rng.uniform(0.0, 0.2 * j))),
-        gamma=float(np.exp(rng.normal(0.0, 0.15 * j))),
+        gamma=float(np.exp(rng.normal(0.0, 0.15 * j))) * cfg.gamma,
         sixteen_bit=bool(rng.random() < cfg.frac_16bit),
     )
 
@@ -568,6 +592,20 @@ class Sample:
     quality: float  # visible bone quality q the image was drawn from
     fractures: int
     sixteen_bit: bool
+    site: str = "A"
+    sex: str = "F"
+    age: int = 0
+
+
+def _demographics(seed: int, index: int, t_score: float) -> tuple[str, int]:
+    """Sex and age of patient `index`, from a stream of their own (so the images never change with them).
+
+    Age falls with T (about 4 years per T unit) as bone density does with age; most referred patients
+    are women. Only the manifest carries them: the subgroup tables of site validation read them."""
+    rng = np.random.default_rng([seed, index, 0, 1])
+    sex = "F" if rng.random() < 0.8 else "M"
+    age = int(np.clip(round(rng.normal(66.0 - 4.0 * (t_score + 2.0), 7.0)), 40, 95))
+    return sex, age
 
 
 def _patient(seed: int, index: int, cfg: PhantomConfig) -> _Patient:
@@ -581,9 +619,10 @@ def _view_sample(patient: _Patient, seed: int, index: int, k: int, cfg: PhantomC
     rng = np.random.default_rng(np.random.SeedSequence([seed, index, k]))
     view = _sample_view(rng, patient, cfg)
     img, mask = _render(patient, view, rng, with_mask)
+    sex, age = _demographics(seed, index, patient.t_score)
     return Sample(image=img, trabecular_mask=mask, patient_id=patient.patient_id, view=k, t_score=patient.t_score,
                   label=label_for(patient.t_score), quality=patient.quality, fractures=patient.fractures,
-                  sixteen_bit=view.sixteen_bit)
+                  sixteen_bit=view.sixteen_bit, site=cfg.site, sex=sex, age=age)
 
 
 def iter_samples(n: int, seed: int = 0, config: PhantomConfig = DEFAULT_CONFIG, with_mask: bool = False
@@ -636,10 +675,11 @@ def _check_target(out: Path) -> None:
 def generate_dataset(out: Path, n: int, seed: int = 0, config: PhantomConfig = DEFAULT_CONFIG) -> Path:
     """Write `n` labelled phantom radiographs under `out` and return the path of `out/manifest.csv`.
 
-    Images go to `out/normal/` and `out/osteoporosis/`; the manifest lists `path,label,patient_id,t_score`
-    with paths relative to `out`. Files are first written to a staging folder inside `out` and moved into
-    place at the end, and the manifest is written last, so an interrupted run leaves no half set behind
-    that looks complete. Same seed and config give byte-identical files.
+    Images go to `out/normal/` and `out/osteoporosis/`; the manifest lists
+    `path,label,patient_id,t_score,site,sex,age,bits` with paths relative to `out`. Files are first written
+    to a staging folder inside `out` and moved into place at the end, and the manifest is written last, so
+    an interrupted run leaves no half set behind that looks complete. Same seed and config give
+    byte-identical files.
     """
     from tqdm import tqdm
 
@@ -653,11 +693,12 @@ def generate_dataset(out: Path, n: int, seed: int = 0, config: PhantomConfig = D
     for label in LABELS:
         (staging / label).mkdir(parents=True)
 
-    rows: list[tuple[str, str, str, str]] = []
+    rows: list[tuple[str, ...]] = []
     for sample in tqdm(iter_samples(n, seed, config), total=n, desc="synth", unit="img"):
         rel = f"{sample.label}/{sample.patient_id}_v{sample.view}.png"
         (staging / rel).write_bytes(_encode_png(sample.image, sample.sixteen_bit))
-        rows.append((rel, sample.label, sample.patient_id, f"{sample.t_score:.2f}"))
+        rows.append((rel, sample.label, sample.patient_id, f"{sample.t_score:.2f}", sample.site, sample.sex,
+                     str(sample.age), "16" if sample.sixteen_bit else "8"))
 
     for label in LABELS:
         (out / label).mkdir(exist_ok=True)

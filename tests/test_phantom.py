@@ -49,7 +49,7 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path):
 
 def test_manifest_matches_files_and_labels(small_set):
     header = (small_set / "manifest.csv").read_text().splitlines()[0]
-    assert header == "path,label,patient_id,t_score"
+    assert header == "path,label,patient_id,t_score,site,sex,age,bits"
     rows = _manifest(small_set)
     assert len(rows) == 24
     on_disk = {str(p.relative_to(small_set)).replace("\\", "/") for p in small_set.rglob("*.png")}
@@ -61,6 +61,9 @@ def test_manifest_matches_files_and_labels(small_set):
         assert r["label"] == ("osteoporosis" if t <= -2.5 else "normal")
         assert r["path"].startswith(r["label"] + "/")
         assert r["path"].split("/")[1].startswith(r["patient_id"] + "_v")
+        assert r["site"] == "A" and r["sex"] in ("F", "M") and 40 <= int(r["age"]) <= 95
+        with Image.open(small_set / r["path"]) as im:
+            assert r["bits"] == ("16" if im.mode == "I;16" else "8")
 
 
 def test_views_of_a_patient_share_t_and_label(small_set):

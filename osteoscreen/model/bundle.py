@@ -47,12 +47,16 @@ class ModelBundle:
 
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
         """Calibrated probability of osteoporosis for each image of the batch."""
-        return self.classifier.predict_proba(self.features_of(batch))[:, 1].astype(np.float32)
+        return self.probabilities_from_features(self.features_of(batch))
+
+    def probabilities_from_features(self, features: np.ndarray) -> np.ndarray:
+        """The classifier half of `probabilities`, for callers that cache features (site validation)."""
+        return self.classifier.predict_proba(features)[:, 1].astype(np.float32)
 
     def assess(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Probabilities and content (out-of-distribution) scores, from one pass of the extractor."""
         features = self.features_of(batch)
-        probabilities = self.classifier.predict_proba(features)[:, 1].astype(np.float32)
+        probabilities = self.probabilities_from_features(features)
         if self.content_check is None:
             return probabilities, np.full(len(features), np.nan, np.float32)
         return probabilities, self.content_check.scores(features)
@@ -92,6 +96,37 @@ def register(bundle: ModelBundle) -> str:
         Path(model.path_of(_CARD_FILE)).write_text(json.dumps(card, indent=2))
     bundle.version = model.tag.version
     return str(model.tag)
+
+
+def register_derived(parent_tag: str, classifier: Any, threshold: float, metadata: dict) -> str:
+    """Register a new version that keeps the parent's extractor file byte for byte (copied, not re-saved,
+    so its sha256 is the parent's) with a new classifier and threshold: a site recalibration. The card is
+    the parent's plus `metadata`; labels and store metadata name the parent."""
+    import shutil
+
+    import bentoml
+    import joblib
+
+    parent = find_model(parent_tag)
+    if parent is None:
+        raise ModelNotFoundError(f"no registered model {parent_tag}")
+    card = json.loads(Path(parent.path_of(_CARD_FILE)).read_text())
+    card = _jsonable({**card, **metadata, "threshold": threshold, "parent": str(parent.tag)})
+    labels = {**parent.info.labels, "parent": parent.tag.version}
+    with bentoml.models.create(parent.tag.name, labels=labels, metadata={**_summary(card), "parent": str(parent.tag)},
+                               module="osteoscreen.model.bundle") as model:
+        shutil.copyfile(parent.path_of(_EXTRACTOR_FILE), model.path_of(_EXTRACTOR_FILE))
+        joblib.dump(classifier, model.path_of(_CLASSIFIER_FILE))
+        Path(model.path_of(_CARD_FILE)).write_text(json.dumps(card, indent=2))
+    return str(model.tag)
+
+
+def stored_file(tag: str | None, part: str) -> Path:
+    """Where a registered version keeps its `extractor` or `classifier` (hashed by lineage checks)."""
+    model = find_model(tag)
+    if model is None:
+        raise ModelNotFoundError(f"no registered model {tag or MODEL_NAME + ':latest'}")
+    return Path(model.path_of({"extractor": _EXTRACTOR_FILE, "classifier": _CLASSIFIER_FILE}[part]))
 
 
 def find_model(tag: str | None = None):
