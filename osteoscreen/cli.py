@@ -63,7 +63,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from training.site import evaluate
 
     evaluate.run(Path(args.data), model_tag=args.model, reports=Path(args.reports),
-                 skip_unreadable=args.skip_unreadable, seed=args.seed)
+                 skip_unreadable=args.skip_unreadable, seed=args.seed, force=args.force)
     print(Path(args.reports) / "evaluation.md")
     return 0
 
@@ -140,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reports", default="reports", help="where evaluation.json, evaluation.md and plots go")
     p.add_argument("--skip-unreadable", action="store_true", help="validate without files that cannot be read")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--force", action="store_true",
+                   help="evaluate images outside the model's intended use too (research use; default: left out)")
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("recalibrate", help="fit a new calibrator and threshold on part of your labelled images, "

@@ -250,3 +250,41 @@ def test_a_version_whose_parts_were_swapped_is_refused(tmp_path, monkeypatch):
     with pytest.raises(lineage.LineageError, match="extractor sha256"):
         lineage.verify(version(child))
     assert lineage.verify(bundle.ModelBundle(None, parent, [], 0.5, "vgg16")) is None  # a trained model: nothing to check
+
+
+class _ScoredModel:
+    """A model stand-in with the card's intended-use rules and a content check that scores image i as i."""
+
+    def __init__(self, with_content_check: bool = True) -> None:
+        from osteoscreen.intended_use.rules import IntendedUse
+
+        self.intended_use = IntendedUse(content_cutoff=2.5)
+        self.content_check = type("Scores", (), {"scores": staticmethod(lambda X: X[:, 0])})() if with_content_check else None
+
+
+def test_evaluation_counts_what_the_intended_use_leaves_out(tmp_path):
+    """Header checks with the model's own rules (a CHEST DICOM, a 30-month-old) and the content cut-off,
+    as serving applies them; without a content check every image fails it, as in serving."""
+    from training.site import intended
+
+    folder = _png_folder(tmp_path / "d", 5, 5)
+    _dicom(folder / "normal" / "chest.dcm", "Acme", "X1", "F", "067Y")
+    chest = pydicom.dcmread(folder / "normal" / "chest.dcm")
+    chest.BodyPartExamined = "CHEST"
+    chest.save_as(folder / "normal" / "chest.dcm")
+    _dicom(folder / "osteoporosis" / "child.dcm", "Acme", "X1", "F", "030M")
+    loaded = cohort.load(folder)
+    names = [s.path.name for s in loaded.samples]
+    features = np.array([[3.0 if n == "1.png" else 1.0] for n in names], np.float32)  # one image unlike the rest
+
+    found = intended.findings(_ScoredModel(), loaded, features)
+    checks = {(s.path.parent.name, s.path.name): [f.check for f in f_] for s, f_ in zip(loaded.samples, found)}
+    assert checks[("normal", "chest.dcm")] == ["body_part"]
+    assert checks[("osteoporosis", "child.dcm")] == ["patient_age"]
+    assert sorted(k for k, c in checks.items() if c == ["content"]) == [("normal", "1.png"), ("osteoporosis", "1.png")]
+    summary = intended.summary(loaded, found, force=False)
+    assert summary["checked"] == 12 and summary["outside"] == 4
+    assert summary["by_check"] == {"body_part": 1, "patient_age": 1, "content": 2}
+
+    blind = intended.findings(_ScoredModel(with_content_check=False), loaded, features)
+    assert all(any(f.check == "content" for f in found) for found in blind)

@@ -49,16 +49,18 @@ def _store(site: dict, tag: str) -> Path:
 
 def test_evaluate_matches_metrics_computed_from_predict(site):
     root, env, rows = site["root"], site["env"], site["rows"]
-    _run(["evaluate", "--data", str(root / "data"), "--model", site["parent"], "--reports", str(root / "eval")], env)
+    _run(["evaluate", "--data", str(root / "data"), "--model", site["parent"], "--reports", str(root / "eval"),
+          "--force"], env)  # every image, as predict --force answers them all
     record = json.loads((root / "eval" / "evaluation.json").read_text())
     files = [str(root / "data" / r["path"]) for r in rows]
-    out = _run(["predict", "--model", site["parent"], *files], env).stdout
+    out = _run(["predict", "--force", "--model", site["parent"], *files], env).stdout
     p = np.array([json.loads(line)["probability"] for line in out.splitlines()])
     y = np.array([int(r["label"] == "osteoporosis") for r in rows])
     pred = (p >= record["at_model_threshold"]["threshold"]).astype(int)
 
     m = record["at_model_threshold"]
     assert record["model"] == site["parent"] and record["n_images"] == len(rows)
+    assert record["intended_use"]["checked"] == len(rows) and record["intended_use"]["policy"].startswith("force")
     assert m["threshold"] == pytest.approx(json.loads(out.splitlines()[0])["threshold"])
     assert m["auc"] == pytest.approx(roc_auc_score(y, p), abs=1e-4)
     assert m["accuracy"] == pytest.approx(accuracy_score(y, pred))
@@ -121,7 +123,7 @@ def test_recalibration_fixes_held_out_calibration_and_the_new_version_serves(sit
     assert card["threshold"] == rec["threshold"] and card["recalibration"]["data_fingerprint"] == rec["data_fingerprint"]
 
     # nothing new is needed to use it: evaluate checks its lineage, the server serves it
-    _run(["evaluate", "--data", str(root / "data"), "--model", tag, "--reports", str(root / "eval2")], env)
+    _run(["evaluate", "--data", str(root / "data"), "--model", tag, "--reports", str(root / "eval2"), "--force"], env)
     again = json.loads((root / "eval2" / "evaluation.json").read_text())
     assert again["parent"] == parent and again["lineage"]["matches_parent"] is True
     assert again["data_fingerprint"] == rec["data_fingerprint"]

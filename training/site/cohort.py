@@ -48,6 +48,11 @@ class Cohort:
     def balance(self) -> dict[str, int]:
         return dataset.class_balance(self.samples, list(range(len(self.samples))))
 
+    def subset(self, indices: list[int]) -> Cohort:
+        """The same cohort restricted to `indices` (e.g. the images inside the model's intended use)."""
+        return Cohort(self.root, [self.samples[i] for i in indices], [self.images[i] for i in indices],
+                      [self.hashes[i] for i in indices], self.skipped)
+
 
 def load(root: Path, skip_unreadable: bool = False) -> Cohort:
     root = Path(root)
@@ -57,7 +62,7 @@ def load(root: Path, skip_unreadable: bool = False) -> Cohort:
         raise DataError(f"{root} is empty: expected {'/, '.join(LABELS)}/ subfolders of labelled images "
                         "(and optionally manifest.csv)")
     samples = dataset.load_folder(root)  # refuses a folder with fewer than MIN_PER_CLASS images of a class
-    images, hashes, problems = dataset.read_images(samples)
+    images, hashes, problems = dataset.read_images(samples, force=True)  # intended use: checked per model
     if problems and not skip_unreadable:
         listed = "\n  ".join(problems[:10]) + (f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else "")
         raise DataError(f"{len(problems)} of {len(samples)} file(s) could not be read:\n  {listed}\n"

@@ -16,7 +16,9 @@ import numpy as np
 
 from training import evaluate as metrics
 from training.fit import DEFAULT_MIN_SENSITIVITY, choose_threshold
-from training.site import calibration, cohort as cohorts, lineage, report, subgroups
+from osteoscreen.errors import DataError
+
+from training.site import calibration, cohort as cohorts, intended, lineage, report, subgroups
 
 
 def scores(y: np.ndarray, p: np.ndarray, threshold: float, patients: np.ndarray, seed: int = 0) -> dict:
@@ -50,16 +52,32 @@ def evaluate(model, cohort: cohorts.Cohort, p: np.ndarray, seed: int = 0) -> dic
 
 
 def run(data_dir: Path, model_tag: str | None = None, reports: Path = Path("reports"),
-        skip_unreadable: bool = False, seed: int = 0) -> dict:
+        skip_unreadable: bool = False, seed: int = 0, force: bool = False) -> dict:
+    """`force` evaluates images outside the model's intended use too (research use); by default they are
+    left out, as serving would refuse them, and counted in the record's `intended_use`."""
     from osteoscreen.model import bundle
 
     cohort = cohorts.load(data_dir, skip_unreadable=skip_unreadable)  # bad data fails before the model loads
     model = bundle.load(model_tag)
     checked = lineage.verify(model)  # a recalibrated version must still be its parent's extractor and forest
     sha = lineage.hashes(model.tag, model.classifier)["extractor_sha256"]
-    p = model.probabilities_from_features(cohorts.features(model, cohort, sha))
+    X = cohorts.features(model, cohort, sha)
+    found = intended.findings(model, cohort, X)
+    outside_use = intended.summary(cohort, found, force)
+    keep = list(range(len(found))) if force else [i for i, f in enumerate(found) if not f]
+    if outside_use["outside"]:
+        print(f"{outside_use['outside']} of {len(found)} images are outside the model's intended use "
+              f"({outside_use['by_check']}); " + ("evaluated anyway (--force)" if force else "left out (--force keeps them)"),
+              file=sys.stderr)
+    if len(set(cohort.y[keep].tolist())) < 2:
+        raise DataError(f"after leaving out the {outside_use['outside']} images outside the model's intended use "
+                        f"({outside_use['by_check']}), both classes are needed to validate; the model was not "
+                        "trained for these images (use --force for research use)")
+    cohort, X = cohort.subset(keep), X[keep]
+    p = model.probabilities_from_features(X)
     record = evaluate(model, cohort, p, seed)
     record["lineage"] = checked
+    record["intended_use"] = outside_use
     reports = Path(reports)
     reports.mkdir(parents=True, exist_ok=True)
     (reports / "evaluation.json").write_text(json.dumps(record, indent=2, allow_nan=False))

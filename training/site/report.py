@@ -92,10 +92,15 @@ def evaluation_markdown(r: dict) -> str:
                    f"`{r['lineage']['extractor_sha256'][:16]}` and forest sha256 `{r['lineage']['forest_sha256'][:16]}` "
                    "checked against the recorded (and the parent's) values.\n")
     balance = "/".join(str(v) for v in r["class_balance"].values())
+    use = r.get("intended_use") or {}
+    outside = (f"{use['outside']} of {use['checked']} images are outside the model's intended use "
+               f"(by first failed check: {use['by_check']}); policy {use['policy']}."
+               if use.get("outside") else f"All {use.get('checked', r['n_images'])} images are inside the model's intended use.")
     return f"""# Site evaluation of {r['model']}
 
 Data `{r['data_dir']}`: {r['n_images']} images of {r['n_patients']} patients (normal/osteoporosis {balance}),
 fingerprint `{r['data_fingerprint'][:16]}`. The model is used unchanged; 95% intervals resample patients.
+{outside}
 {lineage}
 ## Screening metrics
 
