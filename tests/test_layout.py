@@ -20,6 +20,7 @@ RULES: dict[str, tuple[str, ...]] = {
     "osteoscreen.imaging": ("osteoscreen.serving", "tensorflow", "keras", "training"),
     "osteoscreen.model": ("osteoscreen.serving", "training"),
     "osteoscreen.serving": ("tensorflow", "keras", "osteoscreen.model", "training"),
+    "osteoscreen.explain": ("osteoscreen.serving", "tensorflow", "keras", "training"),
     "training": ("osteoscreen.serving",),
 }
 

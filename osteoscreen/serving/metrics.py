@@ -62,3 +62,19 @@ MODEL_INFO = bentoml.metrics.Gauge(
     labelnames=["name", "version", "backbone"],
     multiprocess_mode="max",
 )
+EXPLANATIONS = bentoml.metrics.Counter(
+    name="osteoscreen_explanations_total",
+    documentation="Explanation requests by protocol (http, grpc) and outcome (ok, invalid_input, overloaded, "
+                  "deadline, unavailable, error); counted apart from predictions.",
+    labelnames=["protocol", "outcome"],
+)
+EXPLAIN_DURATION = bentoml.metrics.Histogram(
+    name="osteoscreen_explain_duration_seconds",
+    documentation="Wall time of one answered explanation request (decode, queue, model, overlay).",
+    buckets=LATENCY_BUCKETS,
+)
+EXPLAIN_INFLIGHT = bentoml.metrics.Gauge(
+    name="osteoscreen_explain_inflight",
+    documentation="Explanation requests admitted (running or waiting for their own queue) and not yet answered.",
+    multiprocess_mode="livesum",
+)
