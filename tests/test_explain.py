@@ -106,6 +106,8 @@ def test_explanation_map_sums_to_forest_output_minus_expected_value(small_bundle
         assert e.attribution.shape == (224, 224) and e.attribution.dtype == np.float32
         assert float(e.attribution.sum(dtype=np.float64)) == pytest.approx(e.forest_output - e.expected_value, abs=1e-5)
         assert e.probability == pytest.approx(float(bundle.probabilities(image[None])[0]), abs=1e-6)
+        forest = bundle.classifier.calibrated_classifiers_[0].estimator  # the map explains the osteoporosis side
+        assert e.forest_output == pytest.approx(forest.predict_proba(bundle.features_of(image[None]))[0, 1], abs=1e-6)
         assert np.abs(e.attribution).max() > 0
 
 

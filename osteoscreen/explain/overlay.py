@@ -1,7 +1,7 @@
 """The explanation drawn over the radiograph, as a PNG a viewer or a report can show as is.
 
-The map (in the 224x224 model-input frame, where the image was stretched) is resized back to the
-radiograph's own aspect, smoothed by bilinear interpolation for display only, and coloured with a
+The map (in the 224x224 model-input frame, where the image was stretched) is smoothed over about one
+map cell and resized back to the radiograph's own aspect, for display only, and coloured with a
 diverging map centred on zero: red pushes towards osteoporosis, blue away from it; the stronger, the more
 opaque. Colours are scaled per image (to the 99th percentile of |map|), so an overlay shows *where* the
 evidence lies in this image, not how strong it is against other images: the probability says that.
@@ -16,6 +16,7 @@ from PIL import Image
 
 MAX_SIDE = 512  # overlays are for looking at, not for measuring: the map itself is in the API
 MAX_ALPHA = 0.75
+DISPLAY_SMOOTHING_PX = 6.0  # on the 224 map: blends the 16-pixel cells for the eye (display only)
 COLORMAP = "RdBu_r"  # diverging, red positive, blue negative, white at zero (colour-blind safe)
 
 
@@ -31,9 +32,11 @@ def display_gray(gray: np.ndarray, max_side: int = MAX_SIDE) -> np.ndarray:
 def colorize(gray: np.ndarray, attribution: np.ndarray) -> np.ndarray:
     """RGB uint8 (h, w, 3): `attribution` (any size) resized onto `gray` (h, w) and blended over it."""
     from matplotlib import colormaps
+    from scipy import ndimage
 
     h, w = gray.shape
-    amap = np.asarray(Image.fromarray(np.asarray(attribution, dtype=np.float32)).resize((w, h), Image.Resampling.BILINEAR))
+    smooth = ndimage.gaussian_filter(np.asarray(attribution, dtype=np.float32), DISPLAY_SMOOTHING_PX, mode="nearest")
+    amap = np.asarray(Image.fromarray(smooth).resize((w, h), Image.Resampling.BILINEAR))
     scale = float(np.percentile(np.abs(amap), 99)) or float(np.abs(amap).max()) or 1.0
     level = np.clip(amap / scale, -1.0, 1.0)
     colour = colormaps[COLORMAP](0.5 + 0.5 * level)[..., :3]
