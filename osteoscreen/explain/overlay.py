@@ -49,5 +49,5 @@ def overlay_png(gray: np.ndarray, attribution: np.ndarray, max_side: int = MAX_S
     """PNG bytes of the overlay of `attribution` on the decoded radiograph `gray` (2-D, [0, 1])."""
     rgb = colorize(display_gray(gray, max_side), attribution)
     buf = io.BytesIO()
-    Image.fromarray(rgb, mode="RGB").save(buf, format="PNG", compress_level=3)
+    Image.fromarray(rgb, mode="RGB").save(buf, format="PNG", compress_level=1)  # speed over size: it is answered at once
     return buf.getvalue()
