@@ -176,8 +176,9 @@ def _picture(shown: dict, path: Path) -> None:
             if col < len(shown[label]):
                 gray, e, info = shown[label][col]
                 ax.imshow(colorize(display_gray(gray, 384), e.attribution))
-                ax.set_title(f"{label}, p = {e.probability:.2f}\n{info['positive_in_bodies']:.0%} of + in bodies",
-                             fontsize=8)
+                share = info["positive_in_bodies"]
+                red = "no red" if share != share else f"{share:.0%} of the red in the bodies"  # NaN: no red
+                ax.set_title(f"{label}, p = {e.probability:.2f}\n{red}", fontsize=8)
     fig.suptitle("Explanations (red: towards osteoporosis, blue: away from it)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
