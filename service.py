@@ -9,7 +9,8 @@
   an on-startup hook, because BentoML 1.4 no longer serves gRPC for `@bentoml.service` classes.
 
 Settings are environment variables (see README): OSTEOSCREEN_MODEL_TAG, OSTEOSCREEN_GRPC_PORT,
-OSTEOSCREEN_MAX_QUEUE, OSTEOSCREEN_MAX_BATCH, OSTEOSCREEN_GPU, OSTEOSCREEN_FRONT_WORKERS, OSTEOSCREEN_INTENDED_USE, and the
+OSTEOSCREEN_MAX_QUEUE, OSTEOSCREEN_MAX_BATCH, OSTEOSCREEN_GPU, OSTEOSCREEN_FRONT_WORKERS, OSTEOSCREEN_INTENDED_USE,
+OSTEOSCREEN_EXPLAIN_CONCURRENCY, OSTEOSCREEN_EXPLAIN_QUEUE, and the
 limits of `osteoscreen.imaging.decode` and `osteoscreen.serving.grpc.server`.
 """
 
@@ -26,6 +27,7 @@ import numpy as np
 
 from osteoscreen.serving import http, metrics
 from osteoscreen.serving.batching import GreedyBatcher
+from osteoscreen.serving.explanations import ExplainPath
 from osteoscreen.serving.inference import InferencePath, ModelInfo
 from osteoscreen.serving.model_client import remote_infer
 
@@ -55,6 +57,13 @@ class Model:
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="osteoscreen-model")
         self.batcher = GreedyBatcher(
             lambda batch: asyncio.get_running_loop().run_in_executor(self._thread, self._compute, batch), MAX_BATCH)
+        # explanations: their own Keras model (sharing the weights) on their own thread, one at a time,
+        # never in the screening batcher's way; warmed up too, so the first one is not the slow one
+        from osteoscreen.model.explainer import Explainer
+
+        self._explainer = Explainer(self.bundle)
+        self._explainer.explain(np.zeros((224, 224, 1), np.float32))
+        self._explain_thread = ThreadPoolExecutor(1, thread_name_prefix="osteoscreen-explain")
 
     def _compute(self, images: np.ndarray) -> np.ndarray:
         started = time.perf_counter()
@@ -69,6 +78,15 @@ class Model:
         """(N, 224, 224, 1) float32 -> (N, 4): probability, its batch's compute seconds and size (the
         front's queue-time metric and deadline-aware admission use them), and the content check's score."""
         return await self.batcher(images)
+
+    @bentoml.api
+    async def explain(self, image: np.ndarray) -> np.ndarray:
+        """(224, 224, 1) float32 -> (225, 224): the attribution map, then [probability, forest output,
+        expected value] (`osteoscreen.explain.attribution.pack`)."""
+        from osteoscreen.explain.attribution import pack
+
+        loop = asyncio.get_running_loop()
+        return pack(await loop.run_in_executor(self._explain_thread, self._explainer.explain, image))
 
     @bentoml.api
     def info(self) -> dict:
@@ -94,14 +112,17 @@ class Screening:
 
     def __init__(self) -> None:
         self.path = InferencePath(remote_infer(lambda batch: self.model.to_async.infer(batch)))
+        self.explainer = ExplainPath(remote_infer(lambda image: self.model.to_async.explain(image)),
+                                     lambda: self.path.info)
         http_app.state.predictor = self.path
+        http_app.state.explainer = self.explainer
         self.grpc = None
 
     @bentoml.on_startup
     async def start_grpc(self) -> None:
         from osteoscreen.serving.grpc.server import GrpcServer
 
-        self.grpc = GrpcServer(self.path)
+        self.grpc = GrpcServer(self.path, explainer=self.explainer)
         await self.grpc.start()
         asyncio.get_running_loop().create_task(self._await_model())
 

@@ -83,6 +83,12 @@ def _cmd_predict(args: argparse.Namespace) -> int:
                        dicom_out=args.dicom_out)
 
 
+def _cmd_explain(args: argparse.Namespace) -> int:
+    from osteoscreen.explain import files
+
+    return files.run(args.files, Path(args.out), model_tag=args.model, server=args.server, tls=args.tls)
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from osteoscreen.model import bench
 
@@ -165,6 +171,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="predict images outside the intended use too, flagged (research use only; local only)")
     p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("explain", help="explanation overlays (PNG) of files, locally or against --server")
+    p.add_argument("files", nargs="+")
+    p.add_argument("--out", required=True, help="folder for the overlays (FILE's name with .png)")
+    p.add_argument("--model", default=None, help="model tag (default: the latest registered)")
+    p.add_argument("--server", default=None, help="HOST:PORT of a running OsteoScreen gRPC server")
+    p.add_argument("--tls", action="store_true", help="use TLS to reach --server")
+    p.set_defaults(func=_cmd_explain)
 
     p = sub.add_parser("bench", help="raw model throughput (images/s) at several batch sizes, as JSON")
     p.add_argument("--backbone", choices=BACKBONE_NAMES, default=DEFAULT_BACKBONE)

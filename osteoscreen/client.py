@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import IO, Union
 
 import grpc
+import numpy as np
 
 from osteoscreen import codegen
 from osteoscreen.types import DicomResults, Prediction
@@ -48,6 +49,18 @@ class RemotePrediction(Prediction):
     """A Prediction as the server answered it, with the request id echoed back."""
 
     request_id: str = ""
+
+
+@dataclass(frozen=True)
+class RemoteExplanation:
+    """An Explain answer: the prediction, the map (float32 [h, w], sums to forest_output - expected_value)
+    and the PNG overlay."""
+
+    prediction: RemotePrediction
+    attribution: np.ndarray
+    forest_output: float
+    expected_value: float
+    overlay_png: bytes
 
 
 def _read_pem(source: PemSource | None) -> bytes | None:
@@ -129,6 +142,17 @@ class ScreeningClient:
         request = self.request(image, request_id, format, dicom_results)
         response = self._stub.Predict(request, timeout=timeout or self.timeout)
         return _to_result(response)
+
+    def explain(self, image: ImageSource, request_id: str | None = None, format: str | None = None,
+                timeout: float | None = None) -> RemoteExplanation:
+        """Screen one image and explain the result (the server's explanation queue is small: a busy server
+        answers RESOURCE_EXHAUSTED; retry later)."""
+        import numpy as np
+
+        r = self._stub.Explain(self.request(image, request_id, format), timeout=timeout or self.timeout)
+        attribution = np.asarray(r.map, dtype=np.float32).reshape(tuple(r.map_shape))
+        return RemoteExplanation(_to_result(r.prediction), attribution, r.forest_output, r.expected_value,
+                                 r.overlay_png)
 
     def predict_many(
         self,

@@ -412,8 +412,10 @@ def _local(view: _View, body: _Body, u0: float, u1: float, v0: float, v1: float
     return box, dx * ca - dy * sa, dx * sa + dy * ca
 
 
-def _render_body(body: _Body, view: _View, bone: np.ndarray, trab_mask: np.ndarray | None) -> None:
-    """Add one vertebra (body, shells, spurs, posterior elements) to the `bone` attenuation map."""
+def _render_body(body: _Body, view: _View, bone: np.ndarray, trab_mask: np.ndarray | None,
+                 body_mask: np.ndarray | None = None) -> None:
+    """Add one vertebra (body, shells, spurs, posterior elements) to the `bone` attenuation map; mark its
+    trabecular bone (L1-L5) and its whole body, shells included (every level), in the masks given."""
     a, b = body.a, body.b
     soft = 0.9 * float(np.linalg.norm(np.linalg.inv(view.to_px), axis=0).mean())  # about one pixel, in mm
     part = _local(view, body, -a - 4.0, a + 2.0, -b - 5.0, b + 5.0)
@@ -446,6 +448,8 @@ def _render_body(body: _Body, view: _View, bone: np.ndarray, trab_mask: np.ndarr
         bone[box] += out
         if trab_mask is not None and body.level not in ("T12", "S1"):
             trab_mask[box] |= inner > 0.99
+        if body_mask is not None:
+            body_mask[box] |= whole > 0.5
     if not body.posterior:
         return
     # Pedicle, articular column, lamina and spinous process: (centre u, centre v, half u, half v, tilt, weight).
@@ -536,13 +540,15 @@ def _overlay_bones(patient: _Patient, view: _View, bone: np.ndarray) -> None:
 
 
 def _render(patient: _Patient, view: _View, rng: np.random.Generator, with_mask: bool = False
-            ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Image in [0, 1] (bone bright) and, optionally, the mask of L1-L5 trabecular bone."""
+            ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """Image in [0, 1] (bone bright) and, optionally, the masks of L1-L5 trabecular bone and of every
+    vertebral body (T12-S1, shells included: where an explanation should point)."""
     shape = (view.height, view.width)
     bone = np.zeros(shape, np.float32)
     mask = np.zeros(shape, bool) if with_mask else None
+    bodies = np.zeros(shape, bool) if with_mask else None
     for body in patient.bodies:
-        _render_body(body, view, bone, mask)
+        _render_body(body, view, bone, mask, bodies)
     _overlay_bones(patient, view, bone)
     img = _soft_tissue(rng, patient, view) + view.bone_gain * bone
 
@@ -560,7 +566,7 @@ def _render(patient: _Patient, view: _View, rng: np.random.Generator, with_mask:
     lo, hi = np.percentile(img[::3, ::3], (view.window[0], 99.9))
     hi += view.window[1] * (hi - lo)
     img = np.clip((img - lo) / max(hi - lo, 1e-6), 0.0, 1.0) ** view.gamma
-    return img.astype(np.float32), mask
+    return img.astype(np.float32), mask, bodies
 
 
 def _encode_png(img: np.ndarray, sixteen_bit: bool) -> bytes:
@@ -595,6 +601,7 @@ class Sample:
     site: str = "A"
     sex: str = "F"
     age: int = 0
+    body_mask: np.ndarray | None = None  # every vertebral body, shells included (T12-S1), when asked for
 
 
 def _demographics(seed: int, index: int, t_score: float) -> tuple[str, int]:
@@ -618,11 +625,11 @@ def _view_sample(patient: _Patient, seed: int, index: int, k: int, cfg: PhantomC
     """Render view `k` (1-based) of a patient."""
     rng = np.random.default_rng(np.random.SeedSequence([seed, index, k]))
     view = _sample_view(rng, patient, cfg)
-    img, mask = _render(patient, view, rng, with_mask)
+    img, mask, bodies = _render(patient, view, rng, with_mask)
     sex, age = _demographics(seed, index, patient.t_score)
     return Sample(image=img, trabecular_mask=mask, patient_id=patient.patient_id, view=k, t_score=patient.t_score,
                   label=label_for(patient.t_score), quality=patient.quality, fractures=patient.fractures,
-                  sixteen_bit=view.sixteen_bit, site=cfg.site, sex=sex, age=age)
+                  sixteen_bit=view.sixteen_bit, site=cfg.site, sex=sex, age=age, body_mask=bodies)
 
 
 def iter_samples(n: int, seed: int = 0, config: PhantomConfig = DEFAULT_CONFIG, with_mask: bool = False
@@ -637,6 +644,14 @@ def iter_samples(n: int, seed: int = 0, config: PhantomConfig = DEFAULT_CONFIG, 
         for k in range(1, min(views, n - produced) + 1):
             produced += 1
             yield _view_sample(patient, seed, index, k, config, with_mask)
+
+
+def render_view(patient_id: str, view: int, seed: int, config: PhantomConfig = DEFAULT_CONFIG) -> Sample:
+    """View `view` of patient `patient_id` ("p0007") of the set written with `seed`, with its masks: the
+    same pixels `generate_dataset` wrote, plus where the vertebral bodies are (what explanations are
+    checked against)."""
+    index = int(patient_id.lstrip("p"))
+    return _view_sample(_patient(seed, index, config), seed, index, view, config, with_mask=True)
 
 
 def render_sample(t_score: float, seed: int = 0, config: PhantomConfig = DEFAULT_CONFIG) -> Sample:

@@ -21,6 +21,7 @@ RULES: dict[str, tuple[str, ...]] = {
     "osteoscreen.model": ("osteoscreen.serving", "training"),
     "osteoscreen.dicom_results": ("osteoscreen.serving", "osteoscreen.model", "tensorflow", "keras", "training"),
     "osteoscreen.serving": ("tensorflow", "keras", "osteoscreen.model", "training"),
+    "osteoscreen.explain": ("osteoscreen.serving", "tensorflow", "keras", "training"),
     "training": ("osteoscreen.serving",),
 }
 

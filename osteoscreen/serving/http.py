@@ -132,8 +132,50 @@ async def predict(request: Request) -> Response:
     return JSONResponse(body)
 
 
+def _wants_png(accept: str) -> bool:
+    """`Accept: image/png` (preferred over JSON when both are listed) asks for the overlay; anything else
+    gets JSON with the map."""
+    kinds = [part.split(";")[0].strip().lower() for part in accept.split(",")]
+    if "image/png" not in kinds:
+        return False
+    return "application/json" not in kinds or kinds.index("image/png") < kinds.index("application/json")
+
+
+async def explain(request: Request) -> Response:
+    """`POST /explain`: the same input as /predict; answers the PNG overlay (`Accept: image/png`) or JSON with
+    the prediction and the map. Its own queue (`osteoscreen.serving.explanations`): never slows /predict.
+    Refusals are counted by `osteoscreen_explanations_total`, not among the screening rejections."""
+    explainer = getattr(request.app.state, "explainer", None)
+    if explainer is None:
+        return _error(503, "the server is starting; retry shortly")
+    timeout = _timeout(request)
+    if timeout is None:
+        return _error(400, f"header {TIMEOUT_HEADER} must be a positive number of seconds")
+    try:
+        data, hint = await _read_image(request)
+        result = await explainer.explain(data, hint, timeout=timeout, protocol="http")
+    except ImageDecodeError as exc:
+        return _error(400, str(exc))
+    except (OverloadedError, ModelUnavailableError) as exc:
+        return _error(503, str(exc))
+    except TimeoutError:
+        return _error(504, f"no explanation within {timeout:g}s")
+    p = result.prediction
+    summary = {"probability": p.probability, "label": p.label, "threshold": p.threshold,
+               "model": f"{p.model}:{p.version}"}
+    if _wants_png(request.headers.get("accept", "")):
+        headers = {f"X-Osteoscreen-{k.title()}": str(v) for k, v in summary.items()}
+        return Response(result.overlay_png, media_type="image/png", headers=headers)
+    return JSONResponse({
+        **summary, "forest_output": result.forest_output, "expected_value": result.expected_value,
+        "shape": list(result.attribution.shape), "map": result.attribution.tolist(),
+    })
+
+
 def create_app(predictor: Predictor | None = None) -> Starlette:
-    """The app; `service.py` sets `app.state.predictor` once its worker has built the inference path."""
-    app = Starlette(routes=[Route("/predict", predict, methods=["POST"])])
+    """The app; `service.py` sets `app.state.predictor` (and `app.state.explainer`) once its worker has built
+    the inference path."""
+    app = Starlette(routes=[Route("/predict", predict, methods=["POST"]), Route("/explain", explain, methods=["POST"])])
     app.state.predictor = predictor
+    app.state.explainer = None
     return app

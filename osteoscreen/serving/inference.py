@@ -73,6 +73,11 @@ class InferencePath:
         return self._info is not None
 
     @property
+    def info(self) -> ModelInfo | None:
+        """The served model, once the model service has answered (explanations label their results with it)."""
+        return self._info
+
+    @property
     def model_name(self) -> str:
         return self._info.name if self._info else ""
 

@@ -68,3 +68,19 @@ OUT_OF_INTENDED_USE = bentoml.metrics.Counter(
                   "view, patient_age, content) and what was done (refused, flagged).",
     labelnames=["check", "action"],
 )
+EXPLANATIONS = bentoml.metrics.Counter(
+    name="osteoscreen_explanations_total",
+    documentation="Explanation requests by protocol (http, grpc) and outcome (ok, invalid_input, overloaded, "
+                  "deadline, unavailable, error); counted apart from predictions.",
+    labelnames=["protocol", "outcome"],
+)
+EXPLAIN_DURATION = bentoml.metrics.Histogram(
+    name="osteoscreen_explain_duration_seconds",
+    documentation="Wall time of one answered explanation request (decode, queue, model, overlay).",
+    buckets=LATENCY_BUCKETS,
+)
+EXPLAIN_INFLIGHT = bentoml.metrics.Gauge(
+    name="osteoscreen_explain_inflight",
+    documentation="Explanation requests admitted (running or waiting for their own queue) and not yet answered.",
+    multiprocess_mode="livesum",
+)

@@ -12,7 +12,8 @@ from collections.abc import AsyncIterator, Sequence
 import grpc
 
 from osteoscreen import codegen
-from osteoscreen.errors import ImageDecodeError, OutOfIntendedUseError
+from osteoscreen.errors import ImageDecodeError, ModelUnavailableError, OutOfIntendedUseError
+from osteoscreen.serving.explanations import ExplainPath
 from osteoscreen.types import Prediction, Predictor
 
 codegen.ensure_stubs()
@@ -85,10 +86,28 @@ def _check(requests: Sequence[pb.PredictRequest]) -> list[str | None] | None:
 
 
 class ScreeningServicer(pb_grpc.ScreeningServicer):
-    """Unary, batch and streaming forms; all reach the same `Predictor.predict`."""
+    """Unary, batch and streaming forms; all reach the same `Predictor.predict`. `Explain` goes its own way
+    (`osteoscreen.serving.explanations`), off the screening queue."""
 
-    def __init__(self, predictor: Predictor) -> None:
+    def __init__(self, predictor: Predictor, explainer: ExplainPath | None = None) -> None:
         self._predictor = predictor
+        self._explainer = explainer
+
+    async def Explain(self, request: pb.PredictRequest, context: grpc.aio.ServicerContext) -> pb.ExplainResponse:
+        if self._explainer is None:
+            raise ModelUnavailableError("explanations are not served by this replica")
+        hints = _check([request])
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            raise TimeoutError("the deadline passed before the request could be queued")
+        result = await self._explainer.explain(request.image, hints[0] if hints else None, timeout=remaining,
+                                               protocol="grpc")
+        return pb.ExplainResponse(
+            prediction=to_response(result.prediction, request.request_id),
+            map=result.attribution.ravel().tolist(), map_shape=list(result.attribution.shape),
+            forest_output=result.forest_output, expected_value=result.expected_value,
+            overlay_png=result.overlay_png,
+        )
 
     async def Predict(self, request: pb.PredictRequest, context: grpc.aio.ServicerContext) -> pb.PredictResponse:
         hints = _check([request])

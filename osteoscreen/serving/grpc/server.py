@@ -31,6 +31,7 @@ from osteoscreen.serving import metrics
 from osteoscreen._generated import POOL
 from osteoscreen.errors import (ImageDecodeError, ModelNotFoundError, ModelUnavailableError, OutOfIntendedUseError,
                                 OverloadedError)
+from osteoscreen.serving.explanations import ExplainPath
 from osteoscreen.types import Predictor
 
 log = logging.getLogger("osteoscreen.grpc")
@@ -224,8 +225,10 @@ def _register_in_pool(*files: Any) -> None:
 class GrpcServer:
     """One worker's gRPC server. `await start()` binds and serves; `await stop()` drains and closes."""
 
-    def __init__(self, predictor: Predictor, settings: GrpcSettings | None = None) -> None:
+    def __init__(self, predictor: Predictor, settings: GrpcSettings | None = None,
+                 explainer: ExplainPath | None = None) -> None:
         self.predictor = predictor
+        self.explainer = explainer
         self.settings = settings or GrpcSettings.from_env()
         self.port: int | None = None
         self.health = health.aio.HealthServicer()
@@ -248,7 +251,7 @@ class GrpcServer:
             interceptors=[self._guard], options=options,
             maximum_concurrent_rpcs=s.max_concurrent + CONTROL_HEADROOM,
         )
-        screening.pb_grpc.add_ScreeningServicer_to_server(screening.ScreeningServicer(self.predictor), server)
+        screening.pb_grpc.add_ScreeningServicer_to_server(screening.ScreeningServicer(self.predictor, self.explainer), server)
         v2.pb_grpc.add_GRPCInferenceServiceServicer_to_server(v2.InferenceServicer(self.predictor), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         _register_in_pool(health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR)

@@ -1,0 +1,3 @@
+"""Explanations of one screening result: TreeSHAP values of the Random Forest spread exactly over the
+backbone's activation maps (`attribution`), drawn over the radiograph (`overlay`), checked against the
+phantom's known anatomy (`faithfulness`). Only the local `osteoscreen explain` (`files`) loads TensorFlow."""
