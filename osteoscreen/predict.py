@@ -13,11 +13,13 @@ from pathlib import Path
 from osteoscreen.errors import ImageDecodeError
 
 
-def run(files: list[str], model_tag: str | None = None, server: str | None = None, tls: bool = False) -> int:
+def run(files: list[str], model_tag: str | None = None, server: str | None = None, tls: bool = False,
+        ca: str | None = None, cert: str | None = None, key: str | None = None, server_name: str | None = None) -> int:
     if server:
         from osteoscreen.client import predict_files_remote
 
-        return predict_files_remote(files, server, tls=tls)
+        return predict_files_remote(files, server, tls=tls, root_certificates=ca, client_cert=cert, client_key=key,
+                                    server_name=server_name)
     from osteoscreen.model import bundle
     from osteoscreen.imaging.decode import load_image
 
