@@ -109,3 +109,13 @@ def localhost_pki(folder: Path, client_name: str = "radiology-platform") -> Loca
     server_cert, server_key = issue(ca, "osteoscreen", dns=("localhost",), ips=("127.0.0.1", "::1")).write(folder, "server")
     client_cert, client_key = issue(ca, client_name, dns=(client_name,), server=False).write(folder, "client")
     return LocalPKI(ca, folder, ca_path, server_cert, server_key, client_cert, client_key)
+
+
+def client_context(ca: Path, cert: Path | None = None, key: Path | None = None) -> "ssl.SSLContext":
+    """A client-side SSLContext trusting `ca`, presenting `cert`/`key` when given (mutual TLS)."""
+    import ssl
+
+    context = ssl.create_default_context(cafile=str(ca))
+    if cert is not None:
+        context.load_cert_chain(cert, key)
+    return context

@@ -31,6 +31,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
+from osteoscreen.security.redact import traceback_without_messages
 from osteoscreen.security.tls import CertificateFiles, TLSSettings
 from osteoscreen.serving.grpc import screening, v2
 from osteoscreen.serving.grpc.tls import AllowedCallers, server_credentials
@@ -111,10 +112,10 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, TimeoutError):
         return grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before the prediction finished"
     if isinstance(exc, ModelNotFoundError):
-        log.error("no model to serve: %s", exc)
+        log.error("no model to serve: %s", exc)  # a tag from the server's settings, not from a request
         return grpc.StatusCode.UNAVAILABLE, f"no model loaded on this replica: {exc}"
     ref = uuid.uuid4().hex[:12]
-    log.error("internal error in gRPC call (ref %s)", ref, exc_info=exc)
+    log.error("internal error in gRPC call (ref %s)\n%s", ref, traceback_without_messages(exc))
     return grpc.StatusCode.INTERNAL, f"internal server error (ref {ref}); see the server log"
 
 
