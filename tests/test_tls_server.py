@@ -292,3 +292,17 @@ def test_bad_certificate_files_stop_start_up_with_a_message(registered_model, pk
                                 cwd=Path(__file__).resolve().parents[1], env={**registered_model["env"], **env},
                                 capture_output=True, text=True, timeout=120)
         assert result.returncode != 0 and message in result.stdout + result.stderr, result.stderr[-2000:]
+
+
+def test_locust_users_run_over_mutual_tls(mtls, pki, tmp_path):
+    from tests.test_loadtest import run_locust, stats_rows, NAMES
+
+    srv, _ = mtls
+    out = tmp_path / "locust"
+    result = run_locust(srv, out, ["HttpPredictUser", "GrpcPredictUser", "V2InferUser"], run_time="12s",
+                        extra=("--tls-ca", str(pki.ca), "--tls-cert", str(pki.client_cert),
+                               "--tls-key", str(pki.client_key)))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    rows = stats_rows(out)
+    for protocol, key in NAMES.items():
+        assert int(rows[key]["Request Count"]) >= 1 and int(rows[key]["Failure Count"]) == 0, (protocol, rows[key])
