@@ -312,3 +312,93 @@ def test_identities_and_allow_list(pki):
     allow = AllowList.parse(" pacs.hospital.example , spiffe://h/ns/x/* ")
     assert allow.allows(["pacs.hospital.example"]) and allow.allows(["spiffe://h/ns/x/sa/z"])
     assert not allow.allows(["spiffe://h/ns/other/sa/y", "pacs"]) and not allow.allows([])
+
+
+# --- HTTPS: uvicorn (as BentoML runs it) with the TLS protocol and the allow-list, in process ----------------
+
+
+class HttpsRunning:
+    """uvicorn with `https.ssl_config`'s settings, `https.install`'s protocol and the allow-list middleware,
+    around a tiny app that answers with the identities it was called by."""
+
+    def __init__(self, tls: TLSSettings) -> None:
+        import uvicorn
+        from starlette.applications import Starlette
+        from starlette.responses import JSONResponse
+        from starlette.routing import Route
+
+        import uvicorn.config
+
+        from osteoscreen.serving import https
+
+        self._restore = (uvicorn.config.HTTP_PROTOCOLS["auto"], https._files)
+
+        async def who(request):
+            return JSONResponse({"identities": list(https.caller_identities(request.scope) or ())})
+
+        app = https.CallerAllowList(Starlette(routes=[Route("/predict", who, methods=["POST"]),
+                                                      Route("/readyz", who)]), allowed=tls.allowed)
+        https.install(tls)
+        cfg = https.ssl_config(tls)
+        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_config=None, ssl_certfile=cfg["certfile"],
+                                ssl_keyfile=cfg["keyfile"], ssl_ca_certs=cfg.get("ca_certs"),
+                                ssl_cert_reqs=cfg.get("cert_reqs", ssl.CERT_NONE))
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        end = time.monotonic() + 10
+        while not self.server.started:
+            assert time.monotonic() < end, "uvicorn did not start"
+            time.sleep(0.05)
+        self.port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"https://localhost:{self.port}"
+
+    def close(self) -> None:
+        import uvicorn.config
+
+        from osteoscreen.serving import https
+
+        self.server.should_exit = True
+        self.thread.join(10)
+        uvicorn.config.HTTP_PROTOCOLS["auto"], https._files = self._restore
+
+
+def _https(url: str, pki: LocalPKI, cert=None, key=None, method: str = "POST"):
+    import requests
+
+    return requests.request(method, url, verify=str(pki.ca), cert=(str(cert), str(key)) if cert else None, timeout=10)
+
+
+def test_https_mtls_allow_list_and_rotation_in_uvicorn(pki, tmp_path):
+    import requests
+
+    folder = tmp_path / "live"
+    folder.mkdir()
+    cert, key = folder / "tls.crt", folder / "tls.key"
+    cert.write_bytes(pki.server_cert.read_bytes())
+    key.write_bytes(pki.server_key.read_bytes())
+    running = HttpsRunning(TLSSettings(cert, key, pki.ca, AllowList.parse(ALLOWED)))
+    try:
+        ok = _https(f"{running.url}/predict", pki, pki.client_cert, pki.client_key)
+        assert ok.status_code == 200 and ALLOWED in ok.json()["identities"]
+        with pytest.raises(requests.exceptions.ConnectionError):  # plaintext to the TLS port
+            requests.post(f"http://localhost:{running.port}/predict", timeout=5)
+        with pytest.raises((requests.exceptions.SSLError, requests.exceptions.ConnectionError)):
+            _https(f"{running.url}/predict", pki)  # no client certificate: refused in the handshake
+        stranger = issue(make_ca("Another CA"), ALLOWED, dns=(ALLOWED,), server=False).write(tmp_path, "s")
+        with pytest.raises((requests.exceptions.SSLError, requests.exceptions.ConnectionError)):
+            _https(f"{running.url}/predict", pki, *stranger)
+        other = issue(pki.authority, "billing", dns=("billing",), server=False).write(tmp_path, "o")
+        refused = _https(f"{running.url}/predict", pki, *other)
+        assert refused.status_code == 403 and "not allowed" in refused.json()["error"]
+        assert _https(f"{running.url}/readyz", pki, *other, method="GET").json()["identities"] == ["billing"]
+
+        first = served_certificate(running.port, pki)
+        renewed = issue(pki.authority, "osteoscreen-2", dns=("localhost",), ips=("127.0.0.1",))
+        key.write_bytes(renewed.key_pem)
+        cert.write_bytes(renewed.cert_pem)
+        second = served_certificate(running.port, pki)
+        assert second != first and second == _der(renewed.cert_pem)
+        assert _https(f"{running.url}/predict", pki, pki.client_cert, pki.client_key).status_code == 200
+    finally:
+        running.close()
