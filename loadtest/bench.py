@@ -133,8 +133,8 @@ def _targets(served: list[dict], max_concurrency: int) -> list[dict]:
     return out
 
 
-def _tls_server(args: argparse.Namespace, env: dict[str, str], out: Path) -> ServerProcess:
-    """The same server with mutual TLS and an allow-list, on certificates made for this run."""
+def _tls_server(args: argparse.Namespace, env: dict[str, str], out: Path):
+    """The same server with mutual TLS and an allow-list, on certificates made for this run; and the files."""
     from loadtest.certs import client_context, localhost_pki
 
     pki = localhost_pki(out / "tls", client_name="bench-client")
@@ -142,8 +142,7 @@ def _tls_server(args: argparse.Namespace, env: dict[str, str], out: Path) -> Ser
                            client_ssl=client_context(pki.ca, pki.client_cert, pki.client_key),
                            **pki.server_env(mutual=True, allowed="bench-client"),
                            **({"OSTEOSCREEN_MODEL_TAG": args.model} if args.model else {}))
-    server.pki = pki
-    return server
+    return server, pki
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -211,14 +210,13 @@ def run_bench(args: argparse.Namespace) -> int:
             print("raw model, server stopped ...", file=sys.stderr)
             full.append({"when": "after the server stopped", "results": worker.measure(args.batch_sizes, args.raw_seconds)})
         if args.tls:
-            tls_server = _tls_server(args, env, out)
+            tls_server, pki = _tls_server(args, env, out)
             servers.append(tls_server)
             tls_server.start().wait_ready(args.ready_timeout)
             print(f"mutual TLS server ready: {tls_server.url}, gRPC {tls_server.grpc_target}", file=sys.stderr)
             top = max(args.concurrency)
 
             async def serve_tls() -> None:
-                pki = tls_server.pki
                 async with Clients(tls_server.url, tls_server.grpc_target,
                                    tls=(str(pki.ca), str(pki.client_cert), str(pki.client_key))) as clients:
                     for sample in samples[:2]:

@@ -53,6 +53,7 @@ def make_ca(name: str = "OsteoScreen test CA", days: int = 30) -> Issued:
             .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
                                          content_commitment=False, key_encipherment=False, data_encipherment=False,
                                          key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
             .sign(key, hashes.SHA256()))
     return _issued(cert, key)
 
@@ -73,7 +74,10 @@ def issue(ca: Issued, common_name: str, *, dns: tuple[str, ...] = (), ips: tuple
                .not_valid_before(not_before or now - dt.timedelta(minutes=5))
                .not_valid_after(not_after or now + dt.timedelta(days=7))
                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-               .add_extension(x509.ExtendedKeyUsage(usages), critical=False))
+               .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+               # key identifiers: strict verifiers (urllib3 2, Python 3.13) reject chains without them
+               .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+               .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()), critical=False))
     if sans:
         builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
     return _issued(builder.sign(ca.key, hashes.SHA256()), key)

@@ -402,3 +402,36 @@ def test_https_mtls_allow_list_and_rotation_in_uvicorn(pki, tmp_path):
         assert _https(f"{running.url}/predict", pki, pki.client_cert, pki.client_key).status_code == 200
     finally:
         running.close()
+
+
+# --- the benchmark over mutual TLS ----------------------------------------------------------------------------------
+
+
+def test_bench_clients_speak_mutual_tls(mtls_server, pki):
+    from loadtest.clients import Clients
+    from loadtest.images import Sample
+
+    sample = Sample(name="x.png", data=IMAGES[4], format="png")
+
+    async def both() -> list[str]:
+        tls = (str(pki.ca), str(pki.client_cert), str(pki.client_key))
+        async with Clients("https://unused.invalid", mtls_server.target, tls=tls) as clients:
+            secure = [await clients.grpc(sample, 5), await clients.v2(sample, 5)]
+        async with Clients("https://unused.invalid", mtls_server.target) as plain:
+            return secure + [await plain.grpc(sample, 5)]
+
+    assert asyncio.run(both()) == ["ok", "ok", "rejected"]  # plaintext never connects (UNAVAILABLE)
+
+
+def test_bench_tls_target_compares_each_protocol_with_its_plaintext_row():
+    from loadtest.bench import _tls_targets
+
+    served = [{"protocol": "grpc", "concurrency": 32, "ratio_to_raw": 0.90},
+              {"protocol": "grpc", "concurrency": 1, "ratio_to_raw": 0.50},
+              {"protocol": "grpc", "concurrency": 32, "ratio_to_raw": 0.99, "note": "after C=32"},
+              {"protocol": "grpc", "concurrency": 32, "ratio_to_raw": 0.87, "note": "mutual TLS", "tls": True},
+              {"protocol": "http", "concurrency": 32, "ratio_to_raw": 0.80},
+              {"protocol": "http", "concurrency": 32, "ratio_to_raw": 0.70, "note": "mutual TLS", "tls": True}]
+    targets = {t["protocol"]: t for t in _tls_targets(served, 32)}
+    assert targets["grpc"]["measured"] == pytest.approx(0.87 / 0.90, abs=1e-3) and targets["grpc"]["met"]
+    assert targets["http"]["measured"] == pytest.approx(0.875, abs=1e-3) and not targets["http"]["met"]

@@ -140,6 +140,7 @@ def mtls(registered_model, pki, tmp_path_factory):
 
 def _session(pki: LocalPKI, cert: Path | None = None, key: Path | None = None) -> requests.Session:
     session = requests.Session()
+    session.trust_env = False  # else REQUESTS_CA_BUNDLE, when set, silently replaces session.verify
     session.verify = str(pki.ca)
     if cert is not None:
         session.cert = (str(cert), str(key))
