@@ -172,6 +172,15 @@ def test_predict_cli_path_takes_ca_cert_and_key(mtls_server, pki, tmp_path):
     assert predict_files_remote([image], mtls_server.target, root_certificates=pki.ca, timeout=3,
                                 out=io.StringIO(), err=err) == 2
     assert "TLS handshake" in err.getvalue()
+    import subprocess
+    import sys
+
+    cli = [str(Path(sys.executable).parent / "osteoscreen"), "predict", str(image), "--server", mtls_server.target,
+           "--ca", str(pki.ca), "--cert", str(pki.client_cert), "--key", str(pki.client_key)]
+    done = subprocess.run(cli, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and expected(IMAGES[3]).label in done.stdout, done.stderr[-2000:]
+    half = subprocess.run(cli[:-2], capture_output=True, text=True, timeout=60)
+    assert half.returncode == 2 and "--cert and --key go together" in half.stderr
 
 
 def test_health_port_is_plaintext_and_serves_health_only(mtls_server):
