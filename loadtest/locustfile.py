@@ -15,7 +15,7 @@ few phantom spine radiographs (8/16-bit PNG and JPEG copies) and the real DICOM 
 HTTP requests alternate between a multipart upload and a raw body; v2 requests alternate between
 `raw_input_contents` and `contents.bytes_contents`.
 
-TLS: an `https://` host and `--tls-ca CA.pem` (plus `--tls-cert`/`--tls-key` for mutual TLS) make every user
+TLS: an `https://` host and `--server-ca CA.pem` (plus `--client-cert`/`--client-key` for mutual TLS) make every user
 speak TLS: HTTP through geventhttpclient's SSL context, gRPC through a secure channel.
 
 Load shape: `-u` users (closed loop, no think time) or, with `--rate-per-user R`, each user paced at R
@@ -95,10 +95,12 @@ def _options(parser) -> None:
     group.add_argument("--slo", default=DEFAULT_SLO, env_var="LOCUST_SLO", help="SLO file to gate on ('' for none)")
     group.add_argument("--slo-report", default="", env_var="LOCUST_SLO_REPORT",
                        help="where to write the SLO verdict as JSON (default: <--csv prefix>_slo.json)")
-    group.add_argument("--tls-ca", default="", env_var="LOCUST_TLS_CA",
+    # (Locust's own --tls-cert/--tls-key are for its web UI)
+    group.add_argument("--server-ca", default="", env_var="LOCUST_SERVER_CA",
                        help="PEM CA to verify the server with: HTTPS and gRPC over TLS (an https:// --host)")
-    group.add_argument("--tls-cert", default="", env_var="LOCUST_TLS_CERT", help="PEM client certificate (mutual TLS)")
-    group.add_argument("--tls-key", default="", env_var="LOCUST_TLS_KEY", help="PEM client key (mutual TLS)")
+    group.add_argument("--client-cert", default="", env_var="LOCUST_CLIENT_CERT",
+                       help="PEM client certificate (mutual TLS)")
+    group.add_argument("--client-key", default="", env_var="LOCUST_CLIENT_KEY", help="PEM client key (mutual TLS)")
     group.add_argument("--allow-remote", action="store_true", default=False,
                        help="allow targets that are not loopback addresses (off: load tests stay on this machine)")
 
@@ -134,7 +136,7 @@ def _setup(environment, **_kwargs) -> None:
         slo.load(options.slo)  # a broken SLO file fails now, not after the run
     MIX = build_mix(options.data or None, options.mix)  # in every process that runs users
     print(f"[osteoscreen] inputs: {MIX.describe()}", file=sys.stderr)
-    if options.tls_ca:
+    if options.server_ca:
         HttpPredictUser.ssl_context_factory = _ssl_context_factory(options)
     HttpPredictUser.network_timeout = options.request_timeout
     HttpPredictUser.connection_timeout = min(10.0, options.request_timeout)
@@ -146,18 +148,18 @@ def _ssl_context_factory(options):
     import gevent.ssl
 
     def factory():
-        context = gevent.ssl.create_default_context(cafile=options.tls_ca)
-        if options.tls_cert:
-            context.load_cert_chain(options.tls_cert, options.tls_key or None)
+        context = gevent.ssl.create_default_context(cafile=options.server_ca)
+        if options.client_cert:
+            context.load_cert_chain(options.client_cert, options.client_key or None)
         return context
     return factory
 
 
 def _grpc_credentials(options) -> grpc.ChannelCredentials | None:
-    if not options.tls_ca:
+    if not options.server_ca:
         return None
     read = lambda path: Path(path).read_bytes() if path else None  # noqa: E731
-    return grpc.ssl_channel_credentials(read(options.tls_ca), read(options.tls_key), read(options.tls_cert))
+    return grpc.ssl_channel_credentials(read(options.server_ca), read(options.client_key), read(options.client_cert))
 
 
 def _wait(user: User) -> float:

@@ -39,7 +39,7 @@ def locust_command(host: str, grpc_target: str, args: argparse.Namespace, report
         cmd += ["--data", args.data]
     if getattr(args, "tls_files", None):
         ca, cert, key = args.tls_files
-        cmd += ["--tls-ca", ca, "--tls-cert", cert, "--tls-key", key]
+        cmd += ["--server-ca", ca, "--client-cert", cert, "--client-key", key]
     return cmd + [USER_CLASSES[p] for p in args.protocols]
 
 

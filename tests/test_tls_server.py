@@ -300,8 +300,8 @@ def test_locust_users_run_over_mutual_tls(mtls, pki, tmp_path):
     srv, _ = mtls
     out = tmp_path / "locust"
     result = run_locust(srv, out, ["HttpPredictUser", "GrpcPredictUser", "V2InferUser"], run_time="12s",
-                        extra=("--tls-ca", str(pki.ca), "--tls-cert", str(pki.client_cert),
-                               "--tls-key", str(pki.client_key)))
+                        extra=("--server-ca", str(pki.ca), "--client-cert", str(pki.client_cert),
+                               "--client-key", str(pki.client_key)))
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     rows = stats_rows(out)
     for protocol, key in NAMES.items():
