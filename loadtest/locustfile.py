@@ -136,18 +136,20 @@ def _setup(environment, **_kwargs) -> None:
         slo.load(options.slo)  # a broken SLO file fails now, not after the run
     MIX = build_mix(options.data or None, options.mix)  # in every process that runs users
     print(f"[osteoscreen] inputs: {MIX.describe()}", file=sys.stderr)
-    if options.server_ca:
-        HttpPredictUser.ssl_context_factory = _ssl_context_factory(options)
+    if options.server_ca:  # verify the server (certificate and name) against the CA
+        HttpPredictUser.ssl_context_factory = staticmethod(_ssl_context_factory(options))
+        HttpPredictUser.insecure = False
     HttpPredictUser.network_timeout = options.request_timeout
     HttpPredictUser.connection_timeout = min(10.0, options.request_timeout)
     _pacing = constant_throughput(options.rate_per_user) if options.rate_per_user > 0 else None
 
 
 def _ssl_context_factory(options):
-    """geventhttpclient asks for an SSL context per connection: the CA, and the client certificate if given."""
+    """geventhttpclient asks for an SSL context per connection pool (passing its own `cafile`, None here):
+    the CA, and the client certificate if given."""
     import gevent.ssl
 
-    def factory():
+    def factory(cafile=None, **_ignored):
         context = gevent.ssl.create_default_context(cafile=options.server_ca)
         if options.client_cert:
             context.load_cert_chain(options.client_cert, options.client_key or None)
