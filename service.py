@@ -11,7 +11,9 @@
 Settings are environment variables (see README): OSTEOSCREEN_MODEL_TAG, OSTEOSCREEN_GRPC_PORT,
 OSTEOSCREEN_MAX_QUEUE, OSTEOSCREEN_MAX_BATCH, OSTEOSCREEN_GPU, OSTEOSCREEN_FRONT_WORKERS, OSTEOSCREEN_INTENDED_USE,
 OSTEOSCREEN_EXPLAIN_CONCURRENCY, OSTEOSCREEN_EXPLAIN_QUEUE, and the
-limits of `osteoscreen.imaging.decode` and `osteoscreen.serving.grpc.server`.
+limits of `osteoscreen.imaging.decode` and `osteoscreen.serving.grpc.server`; TLS with OSTEOSCREEN_TLS_CERT,
+OSTEOSCREEN_TLS_KEY, OSTEOSCREEN_TLS_CLIENT_CA and OSTEOSCREEN_ALLOWED_CLIENTS (both ports; files checked here,
+so bad ones stop `bentoml serve` before any worker starts).
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from concurrent.futures import ThreadPoolExecutor
 import bentoml
 import numpy as np
 
-from osteoscreen.serving import http, metrics
+from osteoscreen.security.tls import TLSSettings
+from osteoscreen.serving import http, https, metrics
 from osteoscreen.serving.batching import GreedyBatcher
 from osteoscreen.serving.explanations import ExplainPath
 from osteoscreen.serving.inference import InferencePath, ModelInfo
@@ -36,6 +39,9 @@ log = logging.getLogger("osteoscreen.service")
 MODEL_TAG = os.environ.get("OSTEOSCREEN_MODEL_TAG", "osteoscreen:latest")
 MAX_BATCH = int(os.environ.get("OSTEOSCREEN_MAX_BATCH", "32"))
 _model_resources = {"gpu": 1} if os.environ.get("OSTEOSCREEN_GPU") == "1" else {"cpu": "1"}
+TLS = TLSSettings.from_env()
+if TLS is not None:
+    https.install(TLS)
 
 
 # runner_connection: BentoML recycles the front's connection to this service every 100 requests by default and
@@ -106,6 +112,7 @@ http_app = http.create_app()
     workers=int(os.environ.get("OSTEOSCREEN_FRONT_WORKERS", "1")),
     traffic={"timeout": 120},
     http={"port": 3000},
+    **({"ssl": https.ssl_config(TLS)} if TLS is not None else {}),
 )
 class Screening:
     model = bentoml.depends(Model)
@@ -143,3 +150,7 @@ class Screening:
 
     async def __is_ready__(self) -> bool:
         return self.path.is_ready() and self.grpc is not None and self.grpc.port is not None
+
+
+if TLS is not None and TLS.allowed is not None:
+    Screening.add_asgi_middleware(https.CallerAllowList, allowed=TLS.allowed)

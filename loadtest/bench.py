@@ -25,7 +25,11 @@
    closed loop; the completions-per-second count is reported beside it but is lumpy when one batch of 32
    takes seconds). Inputs: phantom radiographs (PNG and JPEG, the
    same mix for every API), so decoding is cheap and the ratio measures serving, not JPEG 2000 decoding.
-3. A markdown table on stdout and `bench_serving.json` / `bench_serving.md` in `--out`, with the ratios
+3. *Mutual TLS* (unless `--no-tls`): a second server with mutual TLS and an allow-list (certificates made
+   for the run with `cryptography`, `loadtest/certs.py`), each API at the highest concurrency, its own raw
+   yardstick before and after; the target compares its ratio to raw with the plaintext row's (>= 0.95:
+   TLS costs at most 5% of throughput).
+4. A markdown table on stdout and `bench_serving.json` / `bench_serving.md` in `--out`, with the ratios
    served/raw and the targets (throughput at C=32 >= 0.85x raw; p50 at C=1 <= 1.25x raw batch-1 call
    + 20 ms). Targets are reported, never asserted: timings on a shared machine are noisy.
 
@@ -100,6 +104,20 @@ def bench_report(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _tls_targets(served: list[dict], max_concurrency: int) -> list[dict]:
+    out = []
+    for row in served:
+        if not row.get("tls"):
+            continue
+        plain = next((r for r in served if r["protocol"] == row["protocol"] and r["concurrency"] == max_concurrency
+                      and not r.get("note")), None)
+        if plain and plain["ratio_to_raw"]:
+            ratio = round(row["ratio_to_raw"] / plain["ratio_to_raw"], 3)
+            out.append({"target": f"mutual TLS / plaintext throughput at C={max_concurrency} (each / adjacent raw)",
+                        "protocol": row["protocol"], "measured": ratio, "goal": ">= 0.95", "met": ratio >= 0.95})
+    return out
+
+
 def _targets(served: list[dict], max_concurrency: int) -> list[dict]:
     out = []
     for protocol in sorted({r["protocol"] for r in served}):
@@ -116,6 +134,18 @@ def _targets(served: list[dict], max_concurrency: int) -> list[dict]:
                         "goal": f"<= {limit:.0f} (1.25 x raw batch-1 {one['raw_adjacent_batch1_ms']:.0f} + 20)",
                         "met": one["p50_ms"] <= limit})
     return out
+
+
+def _tls_server(args: argparse.Namespace, env: dict[str, str], out: Path):
+    """The same server with mutual TLS and an allow-list, on certificates made for this run; and the files."""
+    from loadtest.certs import client_context, localhost_pki
+
+    pki = localhost_pki(out / "tls", client_name="bench-client")
+    server = ServerProcess(log_path=out / "server-tls.log", env=env, service=args.service, workdir=args.service_dir,
+                           client_ssl=client_context(pki.ca, pki.client_cert, pki.client_key),
+                           **pki.server_env(mutual=True, allowed="bench-client"),
+                           **({"OSTEOSCREEN_MODEL_TAG": args.model} if args.model else {}))
+    return server, pki
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -138,6 +168,7 @@ def run_bench(args: argparse.Namespace) -> int:
     worker = RawWorker(args.model, env, log_path=out / "raw.log")
     server = ServerProcess(log_path=out / "server.log", env=env, service=args.service, workdir=args.service_dir,
                            **({"OSTEOSCREEN_MODEL_TAG": args.model} if args.model else {}))
+    servers = [server]
     full: list[dict] = []
     checkpoints: list[dict] = []
     served: list[dict] = []
@@ -181,8 +212,34 @@ def run_bench(args: argparse.Namespace) -> int:
         if args.raw_after:
             print("raw model, server stopped ...", file=sys.stderr)
             full.append({"when": "after the server stopped", "results": worker.measure(args.batch_sizes, args.raw_seconds)})
+        if args.tls:
+            tls_server, pki = _tls_server(args, env, out)
+            servers.append(tls_server)
+            tls_server.start().wait_ready(args.ready_timeout)
+            print(f"mutual TLS server ready: {tls_server.url}, gRPC {tls_server.grpc_target}", file=sys.stderr)
+            top = max(args.concurrency)
+
+            async def serve_tls() -> None:
+                async with Clients(tls_server.url, tls_server.grpc_target,
+                                   tls=(str(pki.ca), str(pki.client_cert), str(pki.client_key))) as clients:
+                    for sample in samples[:2]:
+                        for protocol in args.protocols:
+                            await clients.call(protocol)(sample, 120.0)
+                    checkpoint(f"before mutual TLS C={top}")
+                    for protocol in args.protocols:
+                        row = await closed_loop(clients.call(protocol), samples, top, args.warmup, args.duration,
+                                                seed=args.seed)
+                        row.update(protocol=protocol, note="mutual TLS", tls=True, checkpoint=len(checkpoints) - 1)
+                        served.append(row)
+                        print(f"  {protocol:5} C={top:3} mutual TLS: {row['images_per_s']:.2f} img/s, "
+                              f"p50 {row['p50_ms']} ms, outcomes {row['outcomes']}", file=sys.stderr)
+                    checkpoint("after mutual TLS")
+
+            asyncio.run(serve_tls())
+            tls_server.stop()
     finally:
-        server.stop()
+        for each in servers:
+            each.stop()
         worker.stop()
 
     best = max(r["images_per_s"] for run in full for r in run["results"])
@@ -195,7 +252,8 @@ def run_bench(args: argparse.Namespace) -> int:
                    ratio_to_raw=round(row["images_per_s"] / local, 3), ratio_to_raw_best=round(row["images_per_s"] / best, 3))
     result = {"machine": machine(), "model": worker.info.get("model"), "inputs": mix.describe(),
               "raw": {"full": full, "checkpoints": checkpoints, "best_images_per_s": best, "best_batch": best_batch},
-              "served": served, "targets": _targets(served, max(args.concurrency)),
+              "served": served,
+              "targets": _targets(served, max(args.concurrency)) + _tls_targets(served, max(args.concurrency)),
               "settings": {"warmup_s": args.warmup, "duration_s": args.duration, "concurrency": args.concurrency,
                            "raw_seconds": args.raw_seconds, "service": args.service,
                            "fairness": "raw = the registered bundle on ready 224x224 tensors in one separate process "
@@ -246,6 +304,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--raw-seconds", type=float, default=4.0, help="minimum seconds per raw batch size")
     p.add_argument("--no-raw-after", dest="raw_after", action="store_false",
                    help="skip the full raw measurement after the server stopped")
+    p.add_argument("--no-tls", dest="tls", action="store_false",
+                   help="skip the mutual TLS block (a second server, each API at the highest concurrency)")
     p.add_argument("--no-after-burst", dest="after_burst", action="store_false",
                    help="skip the last level: C=1 on the first API right after the highest concurrency")
     p.set_defaults(func=run_bench)

@@ -21,10 +21,11 @@ Call = Callable[[Sample, float], Awaitable[str]]
 
 
 class Clients:
-    """Async clients for the three APIs over one HTTP session and one gRPC channel."""
+    """Async clients for the three APIs over one HTTP session and one gRPC channel. `tls`: (CA, client
+    certificate, client key) PEM paths for an HTTPS / TLS server (certificate and key may be None)."""
 
-    def __init__(self, url: str, grpc_target: str) -> None:
-        self.url, self.grpc_target = url, grpc_target
+    def __init__(self, url: str, grpc_target: str, tls: tuple[str, str | None, str | None] | None = None) -> None:
+        self.url, self.grpc_target, self.tls = url, grpc_target, tls
         self._session = None
         self._channel = None
 
@@ -41,9 +42,23 @@ class Clients:
         from osteoscreen._generated.osteoscreen.v1 import screening_pb2_grpc as pb_grpc
 
         self._grpc, self._pb, self._v2_pb = grpc, pb, v2_pb
-        self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=False))
         options = [("grpc.max_send_message_length", 64 * MiB), ("grpc.max_receive_message_length", 64 * MiB)]
-        self._channel = grpc.aio.insecure_channel(self.grpc_target, options=options)
+        if self.tls:
+            import ssl
+            from pathlib import Path
+
+            ca, cert, key = self.tls
+            context = ssl.create_default_context(cafile=ca)
+            if cert:
+                context.load_cert_chain(cert, key)
+            connector = aiohttp.TCPConnector(limit=0, force_close=False, ssl=context)
+            credentials = grpc.ssl_channel_credentials(Path(ca).read_bytes(), Path(key).read_bytes() if key else None,
+                                                       Path(cert).read_bytes() if cert else None)
+            self._channel = grpc.aio.secure_channel(self.grpc_target, credentials, options=options)
+        else:
+            connector = aiohttp.TCPConnector(limit=0, force_close=False)
+            self._channel = grpc.aio.insecure_channel(self.grpc_target, options=options)
+        self._session = aiohttp.ClientSession(connector=connector)
         self._screening = pb_grpc.ScreeningStub(self._channel)
         self._v2 = v2_grpc.GRPCInferenceServiceStub(self._channel)
         return self

@@ -14,6 +14,7 @@ LOADTEST_SLO ?= loadtest/slo.yaml
 LOADTEST_REPORTS ?= reports/loadtest
 LOADTEST_MIX ?= png=6,jpeg=3,dicom=1
 LOADTEST_TARGET_RPS ?= 0
+LOADTEST_ARGS ?=
 BENCH_OUT ?= reports/bench
 BENCH_DURATION ?= 15
 BENCH_ARGS ?=
@@ -32,7 +33,7 @@ SOAK_MIX ?= png=2,jpeg=1
 loadtest: model
 	$(BIN)/python -m loadtest.run --users $(LOADTEST_USERS) --spawn-rate $(LOADTEST_SPAWN_RATE) \
 		--run-time $(LOADTEST_RUN_TIME) --protocols $(LOADTEST_PROTOCOLS) --slo $(LOADTEST_SLO) \
-		--reports $(LOADTEST_REPORTS) --mix $(LOADTEST_MIX) --target-rps $(LOADTEST_TARGET_RPS)
+		--reports $(LOADTEST_REPORTS) --mix $(LOADTEST_MIX) --target-rps $(LOADTEST_TARGET_RPS) $(LOADTEST_ARGS)
 
 bench: model
 	$(BIN)/python -m loadtest.bench bench --duration $(BENCH_DURATION) --out $(BENCH_OUT) $(BENCH_ARGS)

@@ -15,6 +15,9 @@ few phantom spine radiographs (8/16-bit PNG and JPEG copies) and the real DICOM 
 HTTP requests alternate between a multipart upload and a raw body; v2 requests alternate between
 `raw_input_contents` and `contents.bytes_contents`.
 
+TLS: an `https://` host and `--server-ca CA.pem` (plus `--client-cert`/`--client-key` for mutual TLS) make every user
+speak TLS: HTTP through geventhttpclient's SSL context, gRPC through a secure channel.
+
 Load shape: `-u` users (closed loop, no think time) or, with `--rate-per-user R`, each user paced at R
 requests/s (Locust's constant_throughput), for an open-ish offered load below capacity (soak runs).
 
@@ -92,6 +95,12 @@ def _options(parser) -> None:
     group.add_argument("--slo", default=DEFAULT_SLO, env_var="LOCUST_SLO", help="SLO file to gate on ('' for none)")
     group.add_argument("--slo-report", default="", env_var="LOCUST_SLO_REPORT",
                        help="where to write the SLO verdict as JSON (default: <--csv prefix>_slo.json)")
+    # (Locust's own --tls-cert/--tls-key are for its web UI)
+    group.add_argument("--server-ca", default="", env_var="LOCUST_SERVER_CA",
+                       help="PEM CA to verify the server with: HTTPS and gRPC over TLS (an https:// --host)")
+    group.add_argument("--client-cert", default="", env_var="LOCUST_CLIENT_CERT",
+                       help="PEM client certificate (mutual TLS)")
+    group.add_argument("--client-key", default="", env_var="LOCUST_CLIENT_KEY", help="PEM client key (mutual TLS)")
     group.add_argument("--allow-remote", action="store_true", default=False,
                        help="allow targets that are not loopback addresses (off: load tests stay on this machine)")
 
@@ -127,9 +136,32 @@ def _setup(environment, **_kwargs) -> None:
         slo.load(options.slo)  # a broken SLO file fails now, not after the run
     MIX = build_mix(options.data or None, options.mix)  # in every process that runs users
     print(f"[osteoscreen] inputs: {MIX.describe()}", file=sys.stderr)
+    if options.server_ca:  # verify the server (certificate and name) against the CA
+        HttpPredictUser.ssl_context_factory = staticmethod(_ssl_context_factory(options))
+        HttpPredictUser.insecure = False
     HttpPredictUser.network_timeout = options.request_timeout
     HttpPredictUser.connection_timeout = min(10.0, options.request_timeout)
     _pacing = constant_throughput(options.rate_per_user) if options.rate_per_user > 0 else None
+
+
+def _ssl_context_factory(options):
+    """geventhttpclient asks for an SSL context per connection pool (passing its own `cafile`, None here):
+    the CA, and the client certificate if given."""
+    import gevent.ssl
+
+    def factory(cafile=None, **_ignored):
+        context = gevent.ssl.create_default_context(cafile=options.server_ca)
+        if options.client_cert:
+            context.load_cert_chain(options.client_cert, options.client_key or None)
+        return context
+    return factory
+
+
+def _grpc_credentials(options) -> grpc.ChannelCredentials | None:
+    if not options.server_ca:
+        return None
+    read = lambda path: Path(path).read_bytes() if path else None  # noqa: E731
+    return grpc.ssl_channel_credentials(read(options.server_ca), read(options.client_key), read(options.client_cert))
 
 
 def _wait(user: User) -> float:
@@ -200,11 +232,13 @@ class GrpcClient:
     """A blocking gRPC channel whose calls are reported to Locust: every call fires `events.request` with its
     time, response size and, when it failed (an RPC error or an answer that `check` rejects), the reason."""
 
-    def __init__(self, target: str, environment, timeout: float) -> None:
+    def __init__(self, target: str, environment, timeout: float,
+                 credentials: grpc.ChannelCredentials | None = None) -> None:
         self.environment = environment
         self.timeout = timeout
-        self.channel = grpc.insecure_channel(target, options=[
-            ("grpc.max_send_message_length", 64 * MiB), ("grpc.max_receive_message_length", 64 * MiB)])
+        options = [("grpc.max_send_message_length", 64 * MiB), ("grpc.max_receive_message_length", 64 * MiB)]
+        self.channel = (grpc.secure_channel(target, credentials, options=options) if credentials
+                        else grpc.insecure_channel(target, options=options))
 
     def call(self, name: str, method, request, check) -> object | None:
         started = time.perf_counter()
@@ -236,7 +270,8 @@ class _GrpcUser(User):
     def on_start(self) -> None:
         self.rng = random.Random()
         options = self.environment.parsed_options
-        self.client = GrpcClient(_grpc_target(self.environment), self.environment, options.request_timeout)
+        self.client = GrpcClient(_grpc_target(self.environment), self.environment, options.request_timeout,
+                                 _grpc_credentials(options))
         self.stub = self.stub_class(self.client.channel)
 
     def on_stop(self) -> None:

@@ -37,6 +37,9 @@ def locust_command(host: str, grpc_target: str, args: argparse.Namespace, report
         cmd += ["--rate-per-user", f"{rate:.6g}"]
     if args.data:
         cmd += ["--data", args.data]
+    if getattr(args, "tls_files", None):
+        ca, cert, key = args.tls_files
+        cmd += ["--server-ca", ca, "--client-cert", cert, "--client-key", key]
     return cmd + [USER_CLASSES[p] for p in args.protocols]
 
 
@@ -68,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mix", default=os.environ.get("LOADTEST_MIX", "png=6,jpeg=3,dicom=1"))
     parser.add_argument("--data", default=os.environ.get("OSTEOSCREEN_LOADTEST_DATA", ""))
     parser.add_argument("--request-timeout", type=float, default=60.0)
+    parser.add_argument("--tls", action="store_true",
+                        help="serve with mutual TLS on certificates made for the run, and load-test over TLS")
     parser.add_argument("--host", default="", help="an already running server's HTTP URL (no server is started)")
     parser.add_argument("--grpc-target", default="", help="with --host: its gRPC HOST:PORT")
     args = parser.parse_args(argv)
@@ -91,7 +96,15 @@ def main(argv: list[str] | None = None) -> int:
 
     from loadtest.server import ServerProcess
 
-    server = ServerProcess(log_path=reports / "server.log")
+    extra: dict = {}
+    if args.tls:
+        from loadtest.certs import client_context, localhost_pki
+
+        pki = localhost_pki(reports / "tls", client_name="loadtest-client")
+        args.tls_files = (str(pki.ca), str(pki.client_cert), str(pki.client_key))
+        extra = {"client_ssl": client_context(pki.ca, pki.client_cert, pki.client_key),
+                 **pki.server_env(mutual=True, allowed="loadtest-client")}
+    server = ServerProcess(log_path=reports / "server.log", **extra)
     try:
         print(f"starting the server (HTTP {server.url}, gRPC {server.grpc_target}); log: {server.log_path}",
               file=sys.stderr)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -23,9 +24,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def http_ok(url: str, timeout: float = 2.0) -> bool:
+def http_ok(url: str, timeout: float = 2.0, context: ssl.SSLContext | None = None) -> bool:
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
+        with urllib.request.urlopen(url, timeout=timeout, context=context) as response:
             return response.status == 200
     except OSError:
         return False
@@ -33,21 +34,28 @@ def http_ok(url: str, timeout: float = 2.0) -> bool:
 
 class ServerProcess:
     """`bentoml serve service:Screening` as a subprocess group on free loopback ports, for the benchmarks
-    and `make loadtest`; `rss_bytes()` sums the resident memory of every process of the server."""
+    and `make loadtest`; `rss_bytes()` sums the resident memory of every process of the server.
+
+    With OSTEOSCREEN_TLS_CERT in its environment the server speaks HTTPS (`url` says so) and TLS on gRPC;
+    `client_ssl` is what the readiness check connects with (the CA, and a client certificate under mTLS)."""
 
     def __init__(self, http_port: int = 0, grpc_port: int = 0, log_path: str | os.PathLike | None = None,
                  env: dict[str, str] | None = None, service: str = "service:Screening",
-                 workdir: str | os.PathLike = REPO, **extra_env: str) -> None:
+                 workdir: str | os.PathLike = REPO, client_ssl: ssl.SSLContext | None = None, **extra_env: str) -> None:
         self.service, self.workdir = service, Path(workdir)
         self.http_port = http_port or free_port()
         self.grpc_port = grpc_port or free_port()
-        self.url = f"http://127.0.0.1:{self.http_port}"
-        self.grpc_target = f"127.0.0.1:{self.grpc_port}"
         self.log_path = Path(log_path) if log_path else Path(tempfile.mkdtemp(prefix="osteoscreen-server-")) / "server.log"
         # flag unless told otherwise: load tests and benchmarks send pydicom-data's chest and tibia films to
         # exercise decoding, which the default policy (refuse) would answer with 422 before the model
         self.env = {"OSTEOSCREEN_INTENDED_USE": "flag", **(env or os.environ),
                     "OSTEOSCREEN_GRPC_PORT": str(self.grpc_port), "BENTOML_DO_NOT_TRACK": "True", **extra_env}
+        self.tls = bool(self.env.get("OSTEOSCREEN_TLS_CERT"))
+        if self.tls:  # a free health port too, so that servers on one machine do not collide
+            self.env.setdefault("OSTEOSCREEN_GRPC_HEALTH_PORT", str(free_port()))
+        self.client_ssl = client_ssl
+        self.url = f"{'https' if self.tls else 'http'}://127.0.0.1:{self.http_port}"
+        self.grpc_target = f"127.0.0.1:{self.grpc_port}"
         self.proc: subprocess.Popen | None = None
         self._log = None
 
@@ -73,7 +81,7 @@ class ServerProcess:
         while time.monotonic() < deadline:
             if not self.alive():
                 raise RuntimeError(f"server exited with {self.proc and self.proc.returncode}:\n{self.log_tail()}")
-            if http_ok(f"{self.url}/readyz"):
+            if http_ok(f"{self.url}/readyz", context=self.client_ssl):
                 return self
             time.sleep(1.0)
         raise TimeoutError(f"server not ready after {timeout:.0f}s:\n{self.log_tail()}")

@@ -79,7 +79,11 @@ def _cmd_recalibrate(args: argparse.Namespace) -> int:
 def _cmd_predict(args: argparse.Namespace) -> int:
     from osteoscreen import predict
 
-    return predict.run(args.files, model_tag=args.model, server=args.server, tls=args.tls, force=args.force,
+    if (args.cert is None) != (args.key is None):
+        print("osteoscreen predict: error: --cert and --key go together (mutual TLS)", file=sys.stderr)
+        return 2
+    return predict.run(args.files, model_tag=args.model, server=args.server, tls=args.tls, ca=args.ca,
+                       cert=args.cert, key=args.key, server_name=args.server_name, force=args.force,
                        dicom_out=args.dicom_out)
 
 
@@ -165,7 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("files", nargs="+")
     p.add_argument("--model", default=None, help="model tag (default: the latest registered)")
     p.add_argument("--server", default=None, help="HOST:PORT of a running OsteoScreen gRPC server")
-    p.add_argument("--tls", action="store_true", help="use TLS to reach --server")
+    p.add_argument("--tls", action="store_true", help="use TLS to reach --server (system CAs unless --ca)")
+    p.add_argument("--ca", default=None, help="PEM CA file to verify the server with (implies --tls)")
+    p.add_argument("--cert", default=None, help="PEM client certificate for mutual TLS (with --key)")
+    p.add_argument("--key", default=None, help="PEM client key for mutual TLS (with --cert)")
+    p.add_argument("--server-name", default=None, help="name to check the server certificate against")
     p.add_argument("--dicom-out", type=Path, default=None, metavar="DIR",
                    help="DICOM inputs only: also write the DICOM results a PACS stores (the SR) into DIR")
     p.add_argument("--force", action="store_true",

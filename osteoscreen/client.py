@@ -110,7 +110,8 @@ class ScreeningClient:
         ]
         if server_name:
             options.append(("grpc.ssl_target_name_override", server_name))
-        if tls or root_certificates is not None or client_cert is not None:
+        self.secure = bool(tls or root_certificates is not None or client_cert is not None)
+        if self.secure:
             if (client_cert is None) != (client_key is None):
                 raise ValueError("mutual TLS needs both client_cert and client_key")
             credentials = grpc.ssl_channel_credentials(
@@ -193,6 +194,9 @@ def predict_files_remote(
     tls: bool = False,
     *,
     root_certificates: PemSource | None = None,
+    client_cert: PemSource | None = None,
+    client_key: PemSource | None = None,
+    server_name: str | None = None,
     timeout: float = 60.0,
     window: int = 8,
     out: IO[str] | None = None,
@@ -202,14 +206,17 @@ def predict_files_remote(
     """`osteoscreen predict --server HOST:PORT FILE...`: one JSON line per file on stdout, in order, shaped
     like the local `osteoscreen predict` (path, probability, label, threshold, model tag "name:version");
     an unreadable or rejected file gets one line on stderr and the others are still predicted.
-    With `dicom_out`, each file also gets its DICOM results written there (their paths in the line's "dicom").
-    Returns 0 when every file was predicted, 1 when some failed, 2 when the server is unreachable."""
+    TLS as in `ScreeningClient`. With `dicom_out`, each file also gets its DICOM results written there (their
+    paths in the line's "dicom"). Returns 0 when every file was predicted, 1 when some failed, 2 when the
+    server is unreachable (a refused TLS handshake looks the same to gRPC)."""
     out, err = out or sys.stdout, err or sys.stderr
-    with ScreeningClient(server, tls=tls, root_certificates=root_certificates, timeout=timeout) as client:
+    with ScreeningClient(server, tls=tls, root_certificates=root_certificates, client_cert=client_cert,
+                         client_key=client_key, server_name=server_name, timeout=timeout) as client:
         try:
             client.wait_ready(timeout=min(10.0, timeout))
         except grpc.FutureTimeoutError:
-            print(f"osteoscreen predict: error: cannot reach the OsteoScreen gRPC server at {server}", file=err)
+            hint = " (or its TLS handshake failed: check --tls, --ca, --cert, --key)" if client.secure else ""
+            print(f"osteoscreen predict: error: cannot reach the OsteoScreen gRPC server at {server}{hint}", file=err)
             return 2
         failed = False
         for start in range(0, len(paths), window):

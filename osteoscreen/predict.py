@@ -21,14 +21,16 @@ from osteoscreen.errors import ImageDecodeError, OutOfIntendedUseError
 
 
 def run(files: list[str], model_tag: str | None = None, server: str | None = None, tls: bool = False,
-        force: bool = False, dicom_out: Path | None = None) -> int:
+        force: bool = False, dicom_out: Path | None = None, ca: str | None = None, cert: str | None = None,
+        key: str | None = None, server_name: str | None = None) -> int:
     from osteoscreen.intended_use.policy import Policy, enforce
 
     policy = Policy.FLAG if force else Policy.from_env()
     if server:
         from osteoscreen.client import predict_files_remote
 
-        return predict_files_remote(files, server, tls=tls, dicom_out=dicom_out)
+        return predict_files_remote(files, server, tls=tls, root_certificates=ca, client_cert=cert, client_key=key,
+                                    server_name=server_name, dicom_out=dicom_out)
     from osteoscreen.intended_use.local import screen
     from osteoscreen.model import bundle
 

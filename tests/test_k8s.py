@@ -25,7 +25,7 @@ SCHEMAS = K8S / "schemas"
 
 # What `kubectl apply -k` is pointed at. The base is rendered too (it must build on its own), but it is not
 # deployable alone (no image registry, no autoscaler).
-OVERLAYS = ["overlays/gpu", "overlays/cpu", "overlays/gpu-keda"]
+OVERLAYS = ["overlays/gpu", "overlays/cpu", "overlays/gpu-keda", "overlays/gpu-tls"]
 KUSTOMIZATIONS = ["base", *OVERLAYS, "gateway"]
 NAMESPACE = "osteoscreen"
 
@@ -38,6 +38,8 @@ CRD_KINDS = {
     ("monitoring.coreos.com/v1", "PrometheusRule"): "prometheusrule-monitoring-v1.json",
     ("keda.sh/v1alpha1", "ScaledObject"): "scaledobject-keda-v1alpha1.json",
     ("gateway.networking.k8s.io/v1", "GRPCRoute"): "grpcroute-gateway-v1.json",
+    ("cert-manager.io/v1", "Certificate"): "certificate-cert-manager-v1.json",
+    ("cert-manager.io/v1", "Issuer"): "issuer-cert-manager-v1.json",
 }
 
 
@@ -197,6 +199,10 @@ def test_crd_schemas_reject_mistakes(key):
         bad = broken(lambda d: d["spec"]["groups"][0]["rules"][0].__setitem__("alert", "Both"))  # record + alert
     elif kind == "ScaledObject":
         bad = broken(lambda d: d["spec"]["triggers"][0]["metadata"].__setitem__("threshold", 16))  # not a string
+    elif kind == "Certificate":
+        bad = broken(lambda d: d["spec"].__setitem__("usages", ["server-auth"]))  # the enum has "server auth"
+    elif kind == "Issuer":
+        bad = broken(lambda d: d["spec"].update(selfSigned={}, ca={"secretName": "x"}))  # one issuer type only
     else:
         bad = broken(lambda d: d["spec"]["rules"][0]["backendRefs"][0].__setitem__("port", 70000))
     assert not validator.is_valid(bad)

@@ -18,8 +18,10 @@ import yaml
 
 from test_k8s import K8S, NAMESPACE, OVERLAYS, REPO, find, one, render
 
-GPU_OVERLAYS = ["overlays/gpu", "overlays/gpu-keda"]
+GPU_OVERLAYS = ["overlays/gpu", "overlays/gpu-keda", "overlays/gpu-tls"]
+TLS_OVERLAYS = ["overlays/gpu-tls"]
 GRPC_PORT = 50051
+HEALTH_PORT = 50052  # with TLS: the plaintext grpc.health.v1-only port the probes use
 HTTP_PORT = 3000
 READINESS_SERVICE = "osteoscreen.v1.Screening"
 MODEL_LOAD_WORST_S = 120  # TensorFlow VGG16 on CPU, from the service's own measurements
@@ -119,13 +121,17 @@ def test_probes_are_grpc_health_checks_on_the_grpc_port(overlay):
     docs = render(overlay)
     container = main_container(docs)
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"http": HTTP_PORT, "grpc": GRPC_PORT}
+    tls = overlay in TLS_OVERLAYS
+    assert ports == {"http": HTTP_PORT, "grpc": GRPC_PORT, **({"health": HEALTH_PORT} if tls else {})}
     assert config(docs)["OSTEOSCREEN_GRPC_PORT"] == str(GRPC_PORT)
+    probe_port = HEALTH_PORT if tls else GRPC_PORT  # kubelet's gRPC probe cannot speak TLS
+    if tls:
+        assert config(docs)["OSTEOSCREEN_GRPC_HEALTH_PORT"] == str(HEALTH_PORT)
     for kind in ("startupProbe", "livenessProbe", "readinessProbe"):
         probe = container.get(kind)
         assert probe, f"{kind} missing"
         assert set(probe) & {"httpGet", "tcpSocket", "exec"} == set(), f"{kind} must be a native gRPC probe"
-        assert type(probe["grpc"]["port"]) is int and probe["grpc"]["port"] == GRPC_PORT, f"{kind}: numeric 50051"
+        assert type(probe["grpc"]["port"]) is int and probe["grpc"]["port"] == probe_port, f"{kind}: {probe_port}"
     assert container["readinessProbe"]["grpc"]["service"] == READINESS_SERVICE
     assert container["livenessProbe"]["grpc"].get("service", "") == ""
 
@@ -313,6 +319,39 @@ def test_pdb_and_networkpolicy_cover_the_pods(overlay):
             assert "ipBlock" not in peer
             sources.append(peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"])
     assert len(sources) == 2 and "monitoring" in sources, "only the platform's namespace and Prometheus"
+
+
+@pytest.mark.parametrize("overlay", TLS_OVERLAYS)
+def test_tls_component_wires_certificates_secret_settings_and_scrape(overlay):
+    docs = render(overlay)
+    data = config(docs)
+    mount = next(m for m in main_container(docs)["volumeMounts"] if m["name"] == "tls")
+    assert mount["readOnly"] is True and "subPath" not in mount, "subPath mounts never see renewed files"
+    volume = next(v for v in pod_spec(docs)["volumes"] if v["name"] == "tls")
+    server = one(docs, "Certificate", "osteoscreen-server")
+    assert volume["secret"]["secretName"] == server["spec"]["secretName"]
+    for key, file in (("OSTEOSCREEN_TLS_CERT", "tls.crt"), ("OSTEOSCREEN_TLS_KEY", "tls.key"),
+                      ("OSTEOSCREEN_TLS_CLIENT_CA", "ca.crt")):
+        assert data[key] == f"{mount['mountPath']}/{file}", key
+    # clients reach the pods through the Services: the certificate must name them
+    for service in find(docs, "Service"):
+        assert f"{service['metadata']['name']}.{NAMESPACE}.svc" in server["spec"]["dnsNames"]
+    assert "server auth" in server["spec"]["usages"] and server["spec"]["privateKey"]["rotationPolicy"] == "Always"
+    issuers = {d["metadata"]["name"] for d in find(docs, "Issuer")}
+    for cert in find(docs, "Certificate"):
+        assert cert["spec"]["issuerRef"]["name"] in issuers
+    allowed = [a.strip() for a in data["OSTEOSCREEN_ALLOWED_CLIENTS"].split(",")]
+    client = one(docs, "Certificate", "osteoscreen-client-radiology-platform")
+    assert set(client["spec"]["dnsNames"]) & set(allowed) and client["spec"]["usages"][-1] == "client auth"
+    endpoint = one(docs, "ServiceMonitor")["spec"]["endpoints"][0]
+    prometheus = one(docs, "Certificate", "osteoscreen-prometheus")
+    assert endpoint["scheme"] == "https"
+    assert endpoint["tlsConfig"]["cert"]["secret"]["name"] == prometheus["spec"]["secretName"]
+    assert endpoint["tlsConfig"]["serverName"] in server["spec"]["dnsNames"]
+    # the health port is no Service's and no NetworkPolicy rule's: only the kubelet reaches it
+    assert all(p["targetPort"] != "health" for s in find(docs, "Service") for p in s["spec"]["ports"])
+    assert all(p["port"] not in ("health", HEALTH_PORT) for r in one(docs, "NetworkPolicy")["spec"]["ingress"]
+               for p in r["ports"])
 
 
 def test_gateway_route_points_at_the_grpc_port():

@@ -11,18 +11,23 @@ file inputs would also fetch URLs given in the body, which a screening server mu
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import asdict
+import uuid
 
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from osteoscreen.security.redact import traceback_without_messages
 from osteoscreen.serving import metrics
 from osteoscreen.errors import ImageDecodeError, ModelUnavailableError, OutOfIntendedUseError, OverloadedError
 from osteoscreen.imaging.decode import MAX_BYTES
 from osteoscreen.types import Prediction, Predictor
+
+log = logging.getLogger("osteoscreen.http")
 
 REQUEST_TIMEOUT_S = 60.0
 # The caller's deadline in seconds, like gRPC's: a request the queue ahead would keep past it is refused at once.
@@ -116,6 +121,10 @@ async def predict(request: Request) -> Response:
         return _error(503, str(exc), "unavailable")
     except TimeoutError:
         return _error(504, f"no answer within {timeout:g}s", "deadline")
+    except Exception as exc:  # a bug: answer with a reference, log it without what the request carried
+        ref = uuid.uuid4().hex[:12]
+        log.error("internal error in HTTP call (ref %s)\n%s", ref, traceback_without_messages(exc))
+        return _error(500, f"internal server error (ref {ref}); see the server log")
     finally:
         metrics.INFLIGHT.labels(protocol="http").dec()
         metrics.REQUEST_DURATION.labels(protocol="http", api="predict").observe(time.perf_counter() - started)

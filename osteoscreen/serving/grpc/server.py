@@ -5,6 +5,11 @@ on-startup hook in every worker (`grpc.so_reuseport` lets the workers share the 
 on-shutdown hook. Everything cross-cutting lives in `RpcGuard`, one interceptor for all services: admission
 (bounded in-flight predictions, refusal while draining), the exception -> status code map, and metrics.
 
+With `OSTEOSCREEN_TLS_CERT`/`_KEY` set the port speaks TLS (mutual TLS with `OSTEOSCREEN_TLS_CLIENT_CA`,
+caller allow-list with `OSTEOSCREEN_ALLOWED_CLIENTS`; `osteoscreen/serving/grpc/tls.py`), and a second,
+plaintext server on `OSTEOSCREEN_GRPC_HEALTH_PORT` answers grpc.health.v1 only, from the same health
+servicer, for Kubernetes' gRPC probes, which cannot speak TLS (docs/deploy.md).
+
 Shutdown drains instead of cutting: health turns NOT_SERVING, new predictions get UNAVAILABLE (clients retry
 on another replica), in-flight ones finish within the grace period, then the server closes.
 """
@@ -26,7 +31,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
+from osteoscreen.security.redact import traceback_without_messages
+from osteoscreen.security.tls import CertificateFiles, TLSSettings
 from osteoscreen.serving.grpc import screening, v2
+from osteoscreen.serving.grpc.tls import AllowedCallers, server_credentials
 from osteoscreen.serving import metrics
 from osteoscreen._generated import POOL
 from osteoscreen.errors import (ImageDecodeError, ModelNotFoundError, ModelUnavailableError, OutOfIntendedUseError,
@@ -76,6 +84,8 @@ class GrpcSettings:
     max_concurrent: int = 256  # prediction RPCs in flight per worker before RESOURCE_EXHAUSTED
     shutdown_grace_s: float = 20.0
     max_connection_age_s: float = 300.0  # clients reconnect now and then, so new replicas get traffic
+    tls: TLSSettings | None = None  # None: plaintext
+    health_port: int | None = 50052  # with TLS: plaintext health-only port for probes (None: none; 0: any free)
 
     @classmethod
     def from_env(cls, **overrides: Any) -> GrpcSettings:
@@ -86,6 +96,8 @@ class GrpcSettings:
             max_concurrent=_env_number("OSTEOSCREEN_GRPC_MAX_CONCURRENT", cls.max_concurrent),
             shutdown_grace_s=_env_number("OSTEOSCREEN_SHUTDOWN_GRACE_S", cls.shutdown_grace_s, float),
             max_connection_age_s=_env_number("OSTEOSCREEN_GRPC_MAX_CONNECTION_AGE_S", cls.max_connection_age_s, float),
+            tls=TLSSettings.from_env(),
+            health_port=_env_number("OSTEOSCREEN_GRPC_HEALTH_PORT", cls.health_port) or None,
         )
         values.update(overrides)
         return cls(**values)
@@ -105,10 +117,10 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, TimeoutError):
         return grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before the prediction finished"
     if isinstance(exc, ModelNotFoundError):
-        log.error("no model to serve: %s", exc)
+        log.error("no model to serve: %s", exc)  # a tag from the server's settings, not from a request
         return grpc.StatusCode.UNAVAILABLE, f"no model loaded on this replica: {exc}"
     ref = uuid.uuid4().hex[:12]
-    log.error("internal error in gRPC call (ref %s)", ref, exc_info=exc)
+    log.error("internal error in gRPC call (ref %s)\n%s", ref, traceback_without_messages(exc))
     return grpc.StatusCode.INTERNAL, f"internal server error (ref {ref}); see the server log"
 
 
@@ -231,9 +243,12 @@ class GrpcServer:
         self.explainer = explainer
         self.settings = settings or GrpcSettings.from_env()
         self.port: int | None = None
+        self.health_port: int | None = None  # the plaintext health-only port (TLS only)
+        self.certificates: CertificateFiles | None = None
         self.health = health.aio.HealthServicer()
         self._guard = RpcGuard(self.settings.max_concurrent)
         self._server: grpc.aio.Server | None = None
+        self._health_server: grpc.aio.Server | None = None
         self._readiness: asyncio.Task[None] | None = None
         self._stopping: asyncio.Task[None] | None = None
 
@@ -247,8 +262,11 @@ class GrpcServer:
         if s.max_connection_age_s > 0:
             options += [("grpc.max_connection_age_ms", int(s.max_connection_age_s * 1000)),
                         ("grpc.max_connection_age_grace_ms", int(s.shutdown_grace_s * 1000))]
+        interceptors: list[grpc.aio.ServerInterceptor] = [self._guard]
+        if s.tls is not None and s.tls.allowed is not None:
+            interceptors.append(AllowedCallers(s.tls.allowed))  # behind the guard, so refusals are counted
         server = grpc.aio.server(
-            interceptors=[self._guard], options=options,
+            interceptors=interceptors, options=options,
             maximum_concurrent_rpcs=s.max_concurrent + CONTROL_HEADROOM,
         )
         screening.pb_grpc.add_ScreeningServicer_to_server(screening.ScreeningServicer(self.predictor, self.explainer), server)
@@ -266,14 +284,35 @@ class GrpcServer:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         self._server = self._build()
         address = f"{self.settings.host}:{self.settings.port}"
+        tls = self.settings.tls
         try:
-            self.port = self._server.add_insecure_port(address)
+            if tls is None:
+                self.port = self._server.add_insecure_port(address)
+            else:
+                self.certificates = CertificateFiles(tls)
+                self.port = self._server.add_secure_port(address, server_credentials(self.certificates))
         except RuntimeError as exc:
             raise RuntimeError(f"cannot bind the gRPC port {address}: {exc}") from exc
+        if tls is not None and self.settings.health_port is not None:
+            await self._start_health_port()
         await self._server.start()
         self._readiness = asyncio.create_task(self._follow_readiness(), name="osteoscreen-grpc-readiness")
-        log.info("gRPC serving on %s (port %s)", address, self.port)
+        mode = "plaintext" if tls is None else "mutual TLS" if tls.mutual else "TLS"
+        log.info("gRPC serving on %s (port %s, %s%s)", address, self.port, mode,
+                 f", allowed clients: {tls.allowed.describe()}" if tls and tls.allowed else "")
         return self.port
+
+    async def _start_health_port(self) -> None:
+        """grpc.health.v1 only, in plaintext, from the same servicer: probes see exactly what TLS clients see."""
+        address = f"{self.settings.host}:{self.settings.health_port}"
+        self._health_server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_server)
+        try:
+            self.health_port = self._health_server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise RuntimeError(f"cannot bind the gRPC health port {address}: {exc}") from exc
+        await self._health_server.start()
+        log.info("gRPC health (plaintext, grpc.health.v1 only) on %s (port %s)", address, self.health_port)
 
     async def _follow_readiness(self) -> None:
         last = None
@@ -309,6 +348,8 @@ class GrpcServer:
         if self._server is not None:
             # What is left (health Watch streams, calls past the grace) is cancelled after a short moment.
             await self._server.stop(max(0.5, deadline - time.monotonic()) if self._guard.inflight else 0.5)
+        if self._health_server is not None:
+            await self._health_server.stop(0.5)
         log.info("gRPC stopped")
 
     async def wait_for_termination(self) -> None:
