@@ -9,7 +9,7 @@
   an on-startup hook, because BentoML 1.4 no longer serves gRPC for `@bentoml.service` classes.
 
 Settings are environment variables (see README): OSTEOSCREEN_MODEL_TAG, OSTEOSCREEN_GRPC_PORT,
-OSTEOSCREEN_MAX_QUEUE, OSTEOSCREEN_MAX_BATCH, OSTEOSCREEN_GPU, OSTEOSCREEN_FRONT_WORKERS, and the
+OSTEOSCREEN_MAX_QUEUE, OSTEOSCREEN_MAX_BATCH, OSTEOSCREEN_GPU, OSTEOSCREEN_FRONT_WORKERS, OSTEOSCREEN_PRECISION, and the
 limits of `osteoscreen.imaging.decode` and `osteoscreen.serving.grpc.server`.
 """
 
@@ -30,6 +30,7 @@ from osteoscreen.serving.inference import InferencePath, ModelInfo
 from osteoscreen.serving.model_client import remote_infer
 
 log = logging.getLogger("osteoscreen.service")
+logging.getLogger("osteoscreen").setLevel(logging.INFO)  # start-up facts (precision chosen, phases) reach the log
 
 MODEL_TAG = os.environ.get("OSTEOSCREEN_MODEL_TAG", "osteoscreen:latest")
 MAX_BATCH = int(os.environ.get("OSTEOSCREEN_MAX_BATCH", "32"))
@@ -44,18 +45,29 @@ class Model:
     bento_model = bentoml.models.BentoModel(MODEL_TAG)
 
     def __init__(self) -> None:
+        import psutil
+
         from osteoscreen.model import bundle
 
-        self.bundle = bundle.load(str(self.bento_model.tag))
+        started = time.time()
+        self.bundle = bundle.load(str(self.bento_model.tag))  # precision: $OSTEOSCREEN_PRECISION through the gate
+        log.info("model %s: extractor %s", self.bundle.tag, self.bundle.precision_reason)
+        loaded = time.time()
         self.bundle.probabilities(np.zeros((1, 224, 224, 1), np.float32))  # warm-up: trace before traffic
+        phases = {"spawn": started - psutil.Process().create_time(), "load": loaded - started,
+                  "warmup": time.time() - loaded}
+        for phase, seconds in phases.items():
+            metrics.STARTUP.labels(phase=phase).set(seconds)
+        log.info("model service start-up: %s", ", ".join(f"{k} {v:.1f}s" for k, v in phases.items()))
         # one thread runs every model call: calls never overlap, and TensorFlow keeps one thread's caches
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="osteoscreen-model")
         self.batcher = GreedyBatcher(
             lambda batch: asyncio.get_running_loop().run_in_executor(self._thread, self._compute, batch), MAX_BATCH)
 
     def _compute(self, images: np.ndarray) -> np.ndarray:
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         probabilities = self.bundle.probabilities(images)
+        metrics.MODEL_CPU.inc(time.process_time() - cpu)
         metrics.BATCH_SIZE.observe(len(images))
         n = len(images)
         return np.stack([probabilities, np.full(n, time.perf_counter() - started), np.full(n, n)], axis=1)
@@ -69,7 +81,8 @@ class Model:
     @bentoml.api
     def info(self) -> dict:
         b = self.bundle
-        return {"name": b.name, "version": b.version, "backbone": b.backbone, "threshold": b.threshold}
+        return {"name": b.name, "version": b.version, "backbone": b.backbone, "threshold": b.threshold,
+                "precision": b.precision}
 
 
 http_app = http.create_app()

@@ -10,7 +10,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from osteoscreen.model.precision import CHOICES as PRECISION_CHOICES
 from osteoscreen.model.specs import BACKBONE_NAMES, DEFAULT_BACKBONE
+
+PRECISION_HELP = "extractor compute precision (default: $OSTEOSCREEN_PRECISION, else auto: bfloat16 where the hardware runs it natively)"
 
 
 def _cmd_weights(args: argparse.Namespace) -> int:
@@ -41,6 +44,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         register=not args.no_register,
         augment_rounds=args.augment_rounds,
         search_iterations=args.search_iterations,
+        precision=args.precision,
     )
     print(tag)
     return 0
@@ -49,7 +53,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_compare(args: argparse.Namespace) -> int:
     from training import compare
 
-    table = compare.run(Path(args.data), reports=Path(args.reports), seed=args.seed)
+    table = compare.run(Path(args.data), reports=Path(args.reports), seed=args.seed, precision=args.precision)
     print(table)
     return 0
 
@@ -57,13 +61,14 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 def _cmd_predict(args: argparse.Namespace) -> int:
     from osteoscreen import predict
 
-    return predict.run(args.files, model_tag=args.model, server=args.server, tls=args.tls)
+    return predict.run(args.files, model_tag=args.model, server=args.server, tls=args.tls, precision=args.precision)
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     from osteoscreen.model import bench
 
-    print(bench.run_raw(backbone=args.backbone, model_tag=args.model, batch_sizes=args.batch_sizes))
+    print(bench.run_raw(backbone=args.backbone, model_tag=args.model, batch_sizes=args.batch_sizes,
+                        precisions=args.precision))
     return 0
 
 
@@ -98,12 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-register", action="store_true", help="evaluate only; do not touch the model store")
     p.add_argument("--augment-rounds", type=int, default=2, help="augmented copies of each training image")
     p.add_argument("--search-iterations", type=int, default=12, help="Random Forest settings tried by grouped CV")
+    p.add_argument("--precision", choices=PRECISION_CHOICES, default=None, help=PRECISION_HELP)
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("compare", help="every backbone + RF on the same split, as one markdown table")
     p.add_argument("--data", required=True)
     p.add_argument("--reports", default="reports")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--precision", choices=PRECISION_CHOICES, default=None, help=PRECISION_HELP)
     p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("predict", help="predict files locally (or against a server with --server)")
@@ -111,12 +118,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="model tag (default: the latest registered)")
     p.add_argument("--server", default=None, help="HOST:PORT of a running OsteoScreen gRPC server")
     p.add_argument("--tls", action="store_true", help="use TLS to reach --server")
+    p.add_argument("--precision", choices=PRECISION_CHOICES, default=None,
+                   help=PRECISION_HELP + "; the model's numerics gate applies (local prediction only)")
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("bench", help="raw model throughput (images/s) at several batch sizes, as JSON")
     p.add_argument("--backbone", choices=BACKBONE_NAMES, default=DEFAULT_BACKBONE)
     p.add_argument("--model", default=None, help="bench a registered model (extractor + RF) instead")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--precision", choices=PRECISION_CHOICES, nargs="+", default=None,
+                   help="one or more precisions, measured back to back in this process with ratios to the first "
+                        "(default: $OSTEOSCREEN_PRECISION, else auto); e.g. --precision float32 auto")
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("model-exists", help="exit 0 when a model is registered in the BentoML store")

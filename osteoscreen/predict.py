@@ -13,7 +13,8 @@ from pathlib import Path
 from osteoscreen.errors import ImageDecodeError
 
 
-def run(files: list[str], model_tag: str | None = None, server: str | None = None, tls: bool = False) -> int:
+def run(files: list[str], model_tag: str | None = None, server: str | None = None, tls: bool = False,
+        precision: str | None = None) -> int:
     if server:
         from osteoscreen.client import predict_files_remote
 
@@ -21,7 +22,8 @@ def run(files: list[str], model_tag: str | None = None, server: str | None = Non
     from osteoscreen.model import bundle
     from osteoscreen.imaging.decode import load_image
 
-    model = bundle.load(model_tag)
+    model = bundle.load(model_tag, precision=precision)
+    print(f"model {model.tag}: extractor {model.precision_reason}", file=sys.stderr)
     status = 0
     for name in files:
         try:

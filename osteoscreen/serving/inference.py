@@ -37,6 +37,7 @@ class ModelInfo:
     version: str
     backbone: str
     threshold: float
+    precision: str = "float32"  # the extractor's compute precision, as the model service chose it
 
 
 class InferencePath:
@@ -51,7 +52,8 @@ class InferencePath:
 
     def set_model(self, info: ModelInfo) -> None:
         self._info = info
-        metrics.MODEL_INFO.labels(name=info.name, version=info.version, backbone=info.backbone).set(1)
+        metrics.MODEL_INFO.labels(name=info.name, version=info.version, backbone=info.backbone,
+                                  precision=info.precision).set(1)
 
     def is_ready(self) -> bool:
         return self._info is not None
