@@ -31,7 +31,7 @@ def test_served_precision_cost_and_startup_are_reported(server, registered_model
     assert f"precision {info.group(1)}" in server.log_tail(200_000)  # the start-up log line names the choice
 
     phases = startup_phases(server.url)
-    assert set(phases) == {"spawn", "load", "warmup"} and all(v > 0 for v in phases.values())
+    assert set(phases) == {"spawn", "import", "load", "warmup"} and all(v > 0 for v in phases.values())
 
     mix = build_mix(None, "png=1", n_phantoms=2)
     roles = cpu_by_role(server.processes())

@@ -69,8 +69,9 @@ MODEL_CPU = bentoml.metrics.Counter(
 )
 STARTUP = bentoml.metrics.Gauge(
     name="osteoscreen_startup_seconds",
-    documentation="Model service start-up by phase (spawn: process start to service init, imports included; "
-                  "load: bundle load; warmup: first model call, graph tracing included).",
+    documentation="Model service start-up by phase (spawn: process start to service init, service imports "
+                  "included; import: TensorFlow and Keras; load: bundle load; warmup: first model call, graph "
+                  "tracing included).",
     labelnames=["phase"],
     multiprocess_mode="max",
 )
