@@ -10,7 +10,7 @@
 
 Settings are environment variables (see README): OSTEOSCREEN_MODEL_TAG, OSTEOSCREEN_GRPC_PORT,
 OSTEOSCREEN_MAX_QUEUE, OSTEOSCREEN_MAX_BATCH, OSTEOSCREEN_GPU, OSTEOSCREEN_FRONT_WORKERS, OSTEOSCREEN_INTENDED_USE,
-OSTEOSCREEN_EXPLAIN_CONCURRENCY, OSTEOSCREEN_EXPLAIN_QUEUE, and the
+OSTEOSCREEN_PRECISION, OSTEOSCREEN_EXPLAIN_CONCURRENCY, OSTEOSCREEN_EXPLAIN_QUEUE, and the
 limits of `osteoscreen.imaging.decode` and `osteoscreen.serving.grpc.server`; TLS with OSTEOSCREEN_TLS_CERT,
 OSTEOSCREEN_TLS_KEY, OSTEOSCREEN_TLS_CLIENT_CA and OSTEOSCREEN_ALLOWED_CLIENTS (both ports; files checked here,
 so bad ones stop `bentoml serve` before any worker starts).
@@ -35,6 +35,7 @@ from osteoscreen.serving.inference import InferencePath, ModelInfo
 from osteoscreen.serving.model_client import remote_infer
 
 log = logging.getLogger("osteoscreen.service")
+logging.getLogger("osteoscreen").setLevel(logging.INFO)  # start-up facts (precision chosen, phases) reach the log
 
 MODEL_TAG = os.environ.get("OSTEOSCREEN_MODEL_TAG", "osteoscreen:latest")
 MAX_BATCH = int(os.environ.get("OSTEOSCREEN_MAX_BATCH", "32"))
@@ -52,13 +53,26 @@ class Model:
     bento_model = bentoml.models.BentoModel(MODEL_TAG)
 
     def __init__(self) -> None:
+        import psutil
+
         from osteoscreen.model import bundle
 
-        self.bundle = bundle.load(str(self.bento_model.tag))
-        self.bundle.assess(np.zeros((1, 224, 224, 1), np.float32))  # warm-up: trace before traffic
+        started = time.time()
+        import keras  # noqa: F401 - TensorFlow's import, timed on its own: the largest share of start-up
+
+        imported = time.time()
+        self.bundle = bundle.load(str(self.bento_model.tag))  # precision: $OSTEOSCREEN_PRECISION through the gate
+        log.info("model %s: extractor %s", self.bundle.tag, self.bundle.precision_reason)
+        loaded = time.time()
         if self.bundle.content_check is None:
             log.warning("model %s has no content check (trained before intended-use checks): every image fails "
                         "it; retrain, or serve with OSTEOSCREEN_INTENDED_USE=flag", self.bundle.tag)
+        self.bundle.assess(np.zeros((1, 224, 224, 1), np.float32))  # warm-up: trace before traffic
+        phases = {"spawn": started - psutil.Process().create_time(), "import": imported - started,
+                  "load": loaded - imported, "warmup": time.time() - loaded}
+        for phase, seconds in phases.items():
+            metrics.STARTUP.labels(phase=phase).set(seconds)
+        log.info("model service start-up: %s", ", ".join(f"{k} {v:.1f}s" for k, v in phases.items()))
         # one thread runs every model call: calls never overlap, and TensorFlow keeps one thread's caches
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="osteoscreen-model")
         self.batcher = GreedyBatcher(
@@ -72,8 +86,9 @@ class Model:
         self._explain_thread = ThreadPoolExecutor(1, thread_name_prefix="osteoscreen-explain")
 
     def _compute(self, images: np.ndarray) -> np.ndarray:
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         probabilities, content_scores = self.bundle.assess(images)
+        metrics.MODEL_CPU.inc(time.process_time() - cpu)
         metrics.BATCH_SIZE.observe(len(images))
         n = len(images)
         return np.stack([probabilities, np.full(n, time.perf_counter() - started), np.full(n, n), content_scores],
@@ -100,7 +115,8 @@ class Model:
         from osteoscreen.dicom_results.sr import is_clinical
 
         return {"name": b.name, "version": b.version, "backbone": b.backbone, "threshold": b.threshold,
-                "clinical": is_clinical(b.metadata), "intended_use": b.intended_use.to_dict()}
+                "clinical": is_clinical(b.metadata), "intended_use": b.intended_use.to_dict(),
+                "precision": b.precision}
 
 
 http_app = http.create_app()

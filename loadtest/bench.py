@@ -29,6 +29,11 @@
    for the run with `cryptography`, `loadtest/certs.py`), each API at the highest concurrency, its own raw
    yardstick before and after; the target compares its ratio to raw with the plaintext row's (>= 0.95:
    TLS costs at most 5% of throughput).
+4. *Outside the model call* (`loadtest/overhead.py`): CPU milliseconds per image that every server process
+   spends beyond the model call, for phantom PNGs on every API and pydicom-data's real CR radiographs (RG1
+   JPEG 2000, RG3 uncompressed and JPEG 2000) over gRPC, and the ceiling in images/s per core it implies;
+   and the start-up: `bentoml serve` to ready, with the model service's phases (spawn, load, warm-up).
+   The raw model and the server use the same `OSTEOSCREEN_PRECISION` (and the bundle's numerics gate).
 4. A markdown table on stdout and `bench_serving.json` / `bench_serving.md` in `--out`, with the ratios
    served/raw and the targets (throughput at C=32 >= 0.85x raw; p50 at C=1 <= 1.25x raw batch-1 call
    + 20 ms). Targets are reported, never asserted: timings on a shared machine are noisy.
@@ -53,12 +58,14 @@ import math
 import os
 import statistics
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from loadtest.clients import PROTOCOL_TITLES, PROTOCOLS, Clients
 from loadtest.images import DEFAULT_MIX, build_mix
 from loadtest.measure import closed_loop
+from loadtest.overhead import measure_overhead, startup_phases
 from loadtest.overload import run_overload
 from loadtest.raw import RawWorker
 from loadtest import dicom_sr
@@ -78,7 +85,8 @@ def _fmt(value: object, spec: str = "") -> str:
 def bench_report(result: dict) -> str:
     raw = result["raw"]
     lines = [f"## OsteoScreen serving benchmark ({result['machine']})", "",
-             f"Model `{result['model']}`; inputs: {result['inputs']}.", "",
+             f"Model `{result['model']}`, extractor in {result.get('precision')} ({result.get('precision_reason')}); "
+             f"inputs: {result['inputs']}.", "",
              "| path | concurrency / batch | images/s | p50 ms | p95 ms | x raw adjacent | x raw best | requests (ok) |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for run in raw["full"]:
@@ -98,6 +106,21 @@ def bench_report(result: dict) -> str:
                      f"{'yes' if t['met'] else 'no'} |")
     if result.get("dicom_sr"):
         lines += ["", dicom_sr.note(result["dicom_sr"])]
+    if result.get("overhead"):
+        lines += ["", "CPU per image outside the model call (all server processes' CPU time minus the model service's "
+                      "CPU inside model calls, over a fixed number of requests; CPU time is little moved by other load):",
+                  "", "| input | protocol | images | front ms | model service ms (outside call) | supervisor ms | "
+                      "outside total ms | model call ms | ceiling images/s per core |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for o in result["overhead"]:
+            lines.append(f"| {o['input']} | {o['protocol']} | {o['images']} | {o['front_cpu_ms']:.1f} | "
+                         f"{o['model_service_outside_call_cpu_ms']:.1f} | {o['supervisor_cpu_ms']:.1f} | "
+                         f"{o['outside_model_cpu_ms']:.1f} | {o['model_call_cpu_ms']:.1f} | "
+                         f"{_fmt(o['ceiling_images_per_s_per_core'], '.1f')} |")
+    if result.get("startup"):
+        st = result["startup"]
+        lines += ["", f"Start-up: `bentoml serve` to ready {st['to_ready_s']:.1f} s (model service: "
+                  + ", ".join(f"{k} {v:.1f} s" for k, v in st["model_service_phases"].items()) + ")."]
     lines += ["", f"Raw yardstick next to each block (server idle; batch 1 / batch {raw['best_batch']} images/s): "
               + "; ".join(f"{cp['when']}: " + " / ".join(f"{r['images_per_s']:.2f}" for r in cp["results"])
                           for cp in raw["checkpoints"])]
@@ -146,6 +169,18 @@ def _tls_server(args: argparse.Namespace, env: dict[str, str], out: Path):
                            **pki.server_env(mutual=True, allowed="bench-client"),
                            **({"OSTEOSCREEN_MODEL_TAG": args.model} if args.model else {}))
     return server, pki
+def overhead_inputs(mix, n: int) -> list[tuple[str, list, tuple[str, ...], int]]:
+    """What the overhead is measured on: phantom PNGs over every API; the real CR radiographs of pydicom-data
+    (RG1 chest in JPEG 2000, RG3 tibia uncompressed and JPEG 2000) over gRPC, fewer of them (~1 s each to decode)."""
+    from loadtest.images import _real_dicoms
+
+    kinds = [("phantom PNG", mix.by_format.get("png", []), PROTOCOLS, n)]
+    dicoms = {s.name: s for s in _real_dicoms(64 * 1024 * 1024)}
+    for name, label in (("RG1_J2KR.dcm", "RG1 CR chest, JPEG 2000"), ("RG3_UNCR.dcm", "RG3 CR tibia, uncompressed"),
+                        ("RG3_J2KR.dcm", "RG3 CR tibia, JPEG 2000")):
+        if name in dicoms:
+            kinds.append((label, [dicoms[name]], ("grpc",), max(4, n // 8)))
+    return [k for k in kinds if k[1]]
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -172,6 +207,8 @@ def run_bench(args: argparse.Namespace) -> int:
     full: list[dict] = []
     checkpoints: list[dict] = []
     served: list[dict] = []
+    overhead: list[dict] = []
+    startup: dict = {}
     try:
         worker.start()
         print("raw model, no server running ...", file=sys.stderr)
@@ -185,8 +222,10 @@ def run_bench(args: argparse.Namespace) -> int:
             print(f"  raw ({label}, server idle): " + ", ".join(
                 f"batch {r['batch']} {r['images_per_s']:.2f} img/s" for r in results), file=sys.stderr)
 
+        launched = time.perf_counter()
         server.start().wait_ready(args.ready_timeout)
-        print(f"server ready: {server.url}, gRPC {server.grpc_target}", file=sys.stderr)
+        startup = {"to_ready_s": round(time.perf_counter() - launched, 2), "model_service_phases": startup_phases(server.url)}
+        print(f"server ready: {server.url}, gRPC {server.grpc_target}; start-up {startup}", file=sys.stderr)
 
         async def serve_all() -> None:
             async with Clients(server.url, server.grpc_target) as clients:
@@ -206,6 +245,14 @@ def run_bench(args: argparse.Namespace) -> int:
                               f"p50 {row['p50_ms']} ms, p95 {row['p95_ms']} ms, outcomes {row['outcomes']}",
                               file=sys.stderr)
                 checkpoint("after the last level")
+                if args.overhead_images:
+                    for kind, kind_samples, protocols, n in overhead_inputs(mix, args.overhead_images):
+                        for protocol in protocols:
+                            o = (await measure_overhead(server, clients, kind, kind_samples, protocol, n)).row()
+                            overhead.append(o)
+                            print(f"  outside the model, {kind} over {protocol}: {o['outside_model_cpu_ms']} CPU ms/image "
+                                  f"(front {o['front_cpu_ms']}, model service {o['model_service_outside_call_cpu_ms']}); "
+                                  f"ceiling {o['ceiling_images_per_s_per_core']} img/s per core", file=sys.stderr)
 
         asyncio.run(serve_all())
         server.stop()
@@ -251,6 +298,8 @@ def run_bench(args: argparse.Namespace) -> int:
         row.update(raw_adjacent_images_per_s=round(local, 3), raw_adjacent_batch1_ms=round(local_b1, 1),
                    ratio_to_raw=round(row["images_per_s"] / local, 3), ratio_to_raw_best=round(row["images_per_s"] / best, 3))
     result = {"machine": machine(), "model": worker.info.get("model"), "inputs": mix.describe(),
+              "precision": worker.info.get("precision"), "precision_reason": worker.info.get("precision_reason"),
+              "overhead": overhead, "startup": startup,
               "raw": {"full": full, "checkpoints": checkpoints, "best_images_per_s": best, "best_batch": best_batch},
               "served": served,
               "targets": _targets(served, max(args.concurrency)) + _tls_targets(served, max(args.concurrency)),
@@ -306,6 +355,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="skip the full raw measurement after the server stopped")
     p.add_argument("--no-tls", dest="tls", action="store_false",
                    help="skip the mutual TLS block (a second server, each API at the highest concurrency)")
+    p.add_argument("--overhead-images", type=int, default=48,
+                   help="requests per protocol for the CPU-outside-the-model measurement (0 skips it)")
     p.add_argument("--no-after-burst", dest="after_burst", action="store_false",
                    help="skip the last level: C=1 on the first API right after the highest concurrency")
     p.set_defaults(func=run_bench)

@@ -1,7 +1,7 @@
 """The raw model's throughput, the yardstick served throughput is divided by: the registered bundle on ready
 224x224 tensors, in its own process (the only one of the benchmark that imports TensorFlow).
 
-    python -m loadtest.raw [--model TAG] [--batch-sizes 1 8 32] [--min-seconds 5] [--interactive]
+    python -m loadtest.raw [--model TAG] [--precision P] [--batch-sizes 1 8 32] [--min-seconds 5] [--interactive]
 """
 
 from __future__ import annotations
@@ -69,9 +69,10 @@ def run(args: argparse.Namespace) -> int:
     from osteoscreen.model import bundle
     from osteoscreen.model.bench import measure
 
-    model = bundle.load(args.model)
+    model = bundle.load(args.model, precision=args.precision)  # the server's choice: same setting, same gate
     info = {"model": str(model.tag), "pid": os.getpid(), "cpu_count": os.cpu_count(),
-            "cpus_allowed": len(os.sched_getaffinity(0))}
+            "cpus_allowed": len(os.sched_getaffinity(0)), "precision": model.precision,
+            "precision_reason": model.precision_reason}
     if not args.interactive:
         results = measure(model.probabilities, tuple(args.batch_sizes), min_seconds=args.min_seconds)
         print(json.dumps({**info, "results": results}), flush=True)
@@ -89,6 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loadtest.raw", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=os.environ.get("OSTEOSCREEN_MODEL_TAG"))
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--precision", default=None, help="auto|float32|bfloat16 (default: $OSTEOSCREEN_PRECISION, else auto)")
     parser.add_argument("--min-seconds", type=float, default=5.0)
     parser.add_argument("--interactive", action="store_true",
                         help="load once, then answer JSON requests on stdin ({\"batch_sizes\": [..], \"min_seconds\": s})")

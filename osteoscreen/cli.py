@@ -10,7 +10,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from osteoscreen.model.precision import CHOICES as PRECISION_CHOICES
 from osteoscreen.model.specs import BACKBONE_NAMES, DEFAULT_BACKBONE
+
+PRECISION_HELP = "extractor compute precision (default: $OSTEOSCREEN_PRECISION, else auto: bfloat16 where the hardware runs it natively)"
 
 
 def _cmd_weights(args: argparse.Namespace) -> int:
@@ -46,6 +49,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         augment_rounds=args.augment_rounds,
         search_iterations=args.search_iterations,
         force=args.force,
+        precision=args.precision,
     )
     print(tag)
     return 0
@@ -54,7 +58,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_compare(args: argparse.Namespace) -> int:
     from training import compare
 
-    table = compare.run(Path(args.data), reports=Path(args.reports), seed=args.seed)
+    table = compare.run(Path(args.data), reports=Path(args.reports), seed=args.seed, precision=args.precision)
     print(table)
     return 0
 
@@ -84,7 +88,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         return 2
     return predict.run(args.files, model_tag=args.model, server=args.server, tls=args.tls, ca=args.ca,
                        cert=args.cert, key=args.key, server_name=args.server_name, force=args.force,
-                       dicom_out=args.dicom_out)
+                       dicom_out=args.dicom_out, precision=args.precision)
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
@@ -96,7 +100,8 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from osteoscreen.model import bench
 
-    print(bench.run_raw(backbone=args.backbone, model_tag=args.model, batch_sizes=args.batch_sizes))
+    print(bench.run_raw(backbone=args.backbone, model_tag=args.model, batch_sizes=args.batch_sizes,
+                        precisions=args.precision))
     return 0
 
 
@@ -136,12 +141,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="train on DICOM files whose header says another body part, view or modality too "
                         "(research use only)")
+    p.add_argument("--precision", choices=PRECISION_CHOICES, default=None, help=PRECISION_HELP)
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("compare", help="every backbone + RF on the same split, as one markdown table")
     p.add_argument("--data", required=True)
     p.add_argument("--reports", default="reports")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--precision", choices=PRECISION_CHOICES, default=None, help=PRECISION_HELP)
     p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("evaluate", help="site validation: a registered model, unchanged, on your labelled images")
@@ -178,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DICOM inputs only: also write the DICOM results a PACS stores (the SR) into DIR")
     p.add_argument("--force", action="store_true",
                    help="predict images outside the intended use too, flagged (research use only; local only)")
+    p.add_argument("--precision", choices=PRECISION_CHOICES, default=None,
+                   help=PRECISION_HELP + "; the model's numerics gate applies (local prediction only)")
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("explain", help="explanation overlays (PNG) of files, locally or against --server")
@@ -192,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", choices=BACKBONE_NAMES, default=DEFAULT_BACKBONE)
     p.add_argument("--model", default=None, help="bench a registered model (extractor + RF) instead")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--precision", choices=PRECISION_CHOICES, nargs="+", default=None,
+                   help="one or more precisions, measured back to back in this process with ratios to the first "
+                        "(default: $OSTEOSCREEN_PRECISION, else auto); e.g. --precision float32 auto")
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("model-exists", help="exit 0 when a model is registered in the BentoML store")

@@ -22,7 +22,7 @@ from osteoscreen.errors import ImageDecodeError, OutOfIntendedUseError
 
 def run(files: list[str], model_tag: str | None = None, server: str | None = None, tls: bool = False,
         force: bool = False, dicom_out: Path | None = None, ca: str | None = None, cert: str | None = None,
-        key: str | None = None, server_name: str | None = None) -> int:
+        key: str | None = None, server_name: str | None = None, precision: str | None = None) -> int:
     from osteoscreen.intended_use.policy import Policy, enforce
 
     policy = Policy.FLAG if force else Policy.from_env()
@@ -34,7 +34,8 @@ def run(files: list[str], model_tag: str | None = None, server: str | None = Non
     from osteoscreen.intended_use.local import screen
     from osteoscreen.model import bundle
 
-    model = bundle.load(model_tag)
+    model = bundle.load(model_tag, precision=precision)
+    print(f"model {model.tag}: extractor {model.precision_reason}", file=sys.stderr)
     if force:
         print("osteoscreen predict: --force: intended-use checks only flag; research use only, not for screening",
               file=sys.stderr)

@@ -215,6 +215,7 @@ def test_configmap_carries_the_service_settings(overlay):
                 "OSTEOSCREEN_SHUTDOWN_GRACE_S", "OSTEOSCREEN_MAX_BYTES", "OSTEOSCREEN_MAX_PIXELS"):
         assert data[key].isdigit(), key
     assert int(data["OSTEOSCREEN_GRPC_MAX_MESSAGE_BYTES"]) == 64 * 2**20
+    assert data["OSTEOSCREEN_PRECISION"] == "auto"  # CPU and GPU overlays alike: the node's hardware decides
     # The model is chosen by the image, never overridden by a ConfigMap.
     assert "OSTEOSCREEN_MODEL_TAG" not in data
     env_from = main_container(render(overlay))["envFrom"]

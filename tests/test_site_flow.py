@@ -116,6 +116,8 @@ def test_recalibration_fixes_held_out_calibration_and_the_new_version_serves(sit
 
     # the parent's parts, byte for byte, and the lineage on record
     assert filecmp.cmp(_store(site, parent) / "extractor.keras", _store(site, tag) / "extractor.keras", shallow=False)
+    assert filecmp.cmp(_store(site, parent) / "content_check.joblib", _store(site, tag) / "content_check.joblib",
+                       shallow=False)  # the intended-use check comes along: it reads the same extractor
     assert _same_forest(joblib.load(_store(site, parent) / "classifier.joblib"),
                         joblib.load(_store(site, tag) / "classifier.joblib"))
     card = json.loads((_store(site, tag) / "model_card.json").read_text())

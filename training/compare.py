@@ -25,7 +25,7 @@ def _cell(metrics: dict, name: str) -> str:
     return f"{metrics[name]:.3f} ({lo:.2f}-{hi:.2f})"
 
 
-def run(data_dir: Path, reports: Path = Path("reports"), seed: int = 0) -> str:
+def run(data_dir: Path, reports: Path = Path("reports"), seed: int = 0, precision: str | None = None) -> str:
     data = load(data_dir)
     split = dataset.split(data.samples, seed=seed)
     header = ("| model | weights | accuracy | F1 | AUC | sensitivity | specificity | threshold | seed reported (acc / F1 / AUC %) |\n"
@@ -34,7 +34,8 @@ def run(data_dir: Path, reports: Path = Path("reports"), seed: int = 0) -> str:
     for backbone, random_weights in [(name, False) for name in BACKBONE_NAMES] + [("vgg16", True)]:
         label = "random (ablation)" if random_weights else "ImageNet"
         try:
-            m = evaluate_backbone(data, split, backbone, random_weights=random_weights, seed=seed).metrics
+            m = evaluate_backbone(data, split, backbone, random_weights=random_weights, seed=seed,
+                                  precision=precision).metrics
         except WeightsError as exc:
             print(f"{backbone}: {exc}", file=sys.stderr)
             rows.append(f"| {backbone} + RF | unavailable: no ImageNet weights here "

@@ -12,6 +12,7 @@ import numpy as np
 from osteoscreen import phantom
 from osteoscreen.intended_use import rules as intended_use
 from osteoscreen.intended_use.content import ContentCheck
+from osteoscreen.model import precision as precision_mod
 from osteoscreen.model.specs import get_spec
 
 from training import dataset, evaluate, fit, report
@@ -36,6 +37,9 @@ class Outcome:
     reference: object  # the 3-channel keras model the extractor was folded from
     p_test: np.ndarray
     y_test: np.ndarray
+    p_val: np.ndarray
+    weights_id: str
+    precision: str  # the extractor's compute precision the classifier was fitted on
     content_check: ContentCheck | None = None
 
 
@@ -50,13 +54,17 @@ def load(data_dir: Path, force: bool = False) -> LoadedData:
 
 def evaluate_backbone(data: LoadedData, split: dataset.Split, backbone: str, random_weights: bool = False,
                       seed: int = 0, augment_rounds: int = AUGMENT_ROUNDS,
-                      search_iterations: int = fit.SEARCH_ITERATIONS) -> Outcome:
-    """The seed's method for one backbone on a fixed split. Raises WeightsError without ImageNet weights."""
+                      search_iterations: int = fit.SEARCH_ITERATIONS, precision: str | None = None) -> Outcome:
+    """The seed's method for one backbone on a fixed split. Raises WeightsError without ImageNet weights.
+
+    `precision`: the extractor's compute precision (flag value; default $OSTEOSCREEN_PRECISION, else auto)."""
     import keras
 
     from osteoscreen.model import backbones, weights
 
     spec = get_spec(backbone)
+    choice = precision_mod.choose(precision)
+    print(f"{backbone} extractor: {choice.describe()}", file=sys.stderr)
     if random_weights:
         keras.utils.set_random_seed(seed)
         weights_id, weights_sha = f"random-seed{seed}", "random"
@@ -64,8 +72,8 @@ def evaluate_backbone(data: LoadedData, split: dataset.Split, backbone: str, ran
         info = weights.provision(backbone)
         weights_id = weights_sha = info.sha256
     reference = backbones.reference_model(backbone, None if random_weights else backbones.IMAGENET)
-    extractor = backbones.extractor_from(reference, spec)
-    cache = FeatureCache(backbone, weights_id)
+    extractor = backbones.with_precision(backbones.extractor_from(reference, spec), choice.precision)
+    cache = FeatureCache(backbone, weights_id, choice.precision)
 
     y = np.array([s.label for s in data.samples])
     groups = np.array([s.patient_id for s in data.samples])
@@ -97,6 +105,7 @@ def evaluate_backbone(data: LoadedData, split: dataset.Split, backbone: str, ran
         "backbone": backbone,
         "weights": "random" if random_weights else "imagenet",
         "weights_sha256": weights_sha,
+        "precision": choice.precision,
         "features": fitted.features,
         "n_train": len(split.train),
         "n_augmented": len(rows) - len(split.train),
@@ -117,12 +126,39 @@ def evaluate_backbone(data: LoadedData, split: dataset.Split, backbone: str, ran
     }
     p_test_scores = content.scores(fit.stack(test_feats, fitted.features))
     metrics["content_test_acceptance"] = float(np.mean(p_test_scores <= content.cutoff))
-    return Outcome(metrics, fitted, reference, p_test, y_test, content)
+    return Outcome(metrics, fitted, reference, p_test, y_test, p_val, weights_id, choice.precision, content)
+
+
+def precision_check(data: LoadedData, split: dataset.Split, outcome: Outcome, backbone: str) -> dict:
+    """The numerics gate's record: the validation (and, for the report, test) images through the extractor in
+    the other precision, classified by the same forest, compared with the trained precision's answers."""
+    from osteoscreen.model import backbones
+
+    trained, other = outcome.precision, precision_mod.other(outcome.precision)
+    features = outcome.fitted.features
+    extractor = backbones.with_precision(
+        backbones.extractor_from(outcome.reference, get_spec(backbone), features), other)
+    cache = FeatureCache(backbone, outcome.weights_id, other)
+    y = np.array([s.label for s in data.samples])
+    threshold = outcome.metrics["threshold"]
+    figures = {}
+    for part, p_trained in (("validation", outcome.p_val), ("test", outcome.p_test)):
+        rows = split.val if part == "validation" else split.test
+        feats = extract(extractor, [data.hashes[i] for i in rows], lambda k: data.images[rows[k]], cache,
+                        desc=f"{backbone} {part} features in {other} (precision check)")
+        p_other = outcome.fitted.model.predict_proba(fit.stack(feats, features))[:, 1]
+        figures[part] = precision_mod.agreement(p_trained, p_other, y[rows], threshold, trained)
+    record = {**precision_mod.check(figures["validation"], trained), "test": figures["test"]}
+    v = figures["validation"]
+    print(f"precision check ({trained} -> {other}, validation): max |dp| {v['max_abs_dp']:.4f}, label agreement "
+          f"{v['label_agreement']:.3f}, AUC {v['auc'][trained]:.3f} vs {v['auc'][other]:.3f}: "
+          f"{'passed' if record['passed'] else 'FAILED'} ({record['rule']})", file=sys.stderr)
+    return record
 
 
 def run(data_dir: Path, backbone: str = "vgg16", reports: Path = Path("reports"), random_weights: bool = False,
         seed: int = 0, register: bool = True, augment_rounds: int = AUGMENT_ROUNDS,
-        search_iterations: int = fit.SEARCH_ITERATIONS, force: bool = False) -> str:
+        search_iterations: int = fit.SEARCH_ITERATIONS, force: bool = False, precision: str | None = None) -> str:
     from osteoscreen.model import backbones, bundle
 
     started = time.perf_counter()
@@ -131,7 +167,7 @@ def run(data_dir: Path, backbone: str = "vgg16", reports: Path = Path("reports")
     for part in ("train", "val", "test"):
         print(f"{part}: {dataset.class_balance(data.samples, getattr(split, part))}", file=sys.stderr)
     outcome = evaluate_backbone(data, split, backbone, random_weights=random_weights, seed=seed,
-                                augment_rounds=augment_rounds, search_iterations=search_iterations)
+                                augment_rounds=augment_rounds, search_iterations=search_iterations, precision=precision)
     metrics = outcome.metrics
     metrics["data_fingerprint"] = dataset.fingerprint(data.hashes, data.samples)
     metrics["train_seconds"] = round(time.perf_counter() - started, 1)
@@ -143,10 +179,13 @@ def run(data_dir: Path, backbone: str = "vgg16", reports: Path = Path("reports")
         return f"not registered (--no-register); metrics in {reports / 'metrics.json'}"
     if random_weights:
         return f"not registered: random backbone weights are for ablations only; metrics in {reports / 'metrics.json'}"
+    check = precision_check(data, split, outcome, backbone)
+    # the float32 extractor is saved whatever the training precision: loading applies the served one
     served = backbones.extractor_from(outcome.reference, get_spec(backbone), outcome.fitted.features)
     model = bundle.ModelBundle(served, outcome.fitted.model, outcome.fitted.features, metrics["threshold"], backbone,
                                metadata={"metrics": metrics, "input_size": 224, "class_names": ["normal", "osteoporosis"],
                                          "training_data": {"synthetic": phantom.is_phantom_set(data_dir)},
+                                         "precision": outcome.precision, "precision_check": check,
                                          "training": {"seed": seed, "augment_rounds": augment_rounds,
                                                       "search_iterations": search_iterations,
                                                       "data_dir": str(data_dir)},

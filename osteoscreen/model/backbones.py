@@ -109,10 +109,52 @@ def extractor_from(reference: keras.Model, spec: BackboneSpec, features: list[st
     return keras.Model(inputs, outputs, name=f"{spec.name}_gray_extractor")
 
 
-def build_extractor(backbone: str = "vgg16", weights: str | None = IMAGENET, features: list[str] | None = None) -> keras.Model:
+def build_extractor(backbone: str = "vgg16", weights: str | None = IMAGENET, features: list[str] | None = None,
+                    precision: str = "float32") -> keras.Model:
     """The extractor training and serving use. Raises WeightsError when ImageNet weights are not
     provisioned; `weights=None` opts into random ones (tests and ablations only)."""
-    return extractor_from(reference_model(backbone, weights), get_spec(backbone), features)
+    return with_precision(extractor_from(reference_model(backbone, weights), get_spec(backbone), features), precision)
 
 
-__all__ = ["AppendOnes", "IMAGENET", "build_extractor", "candidate_features", "extractor_from", "fold_first_conv", "reference_model"]
+_MIXED = {"float32": "float32", "bfloat16": "mixed_bfloat16"}
+
+
+def with_precision(extractor: keras.Model, precision: str) -> keras.Model:
+    """`extractor` computing its convolutions in `precision`; same weights, float32 in and out.
+
+    Under Keras's `mixed_bfloat16` policy the variables stay float32 and each layer casts them and its input
+    to bfloat16. Kept in float32, for accuracy at almost no cost: the first convolution (it carries the folded
+    preprocessing, offsets of ~-100 per channel whose sum partly cancels, over two input channels only) and
+    the global pooling layers (averaging 14x14 bfloat16 values would lose bits the Random Forest splits on;
+    they cast the last feature map up). So the features always leave as float32. The saved bundle holds the
+    float32 model; this is applied on load.
+    """
+    if precision not in _MIXED:
+        raise ValueError(f"precision must be one of {', '.join(_MIXED)}, not {precision!r}")
+    if precision == "float32":
+        return extractor
+    config = extractor.get_config()
+    first_conv = [True]
+
+    def retype(layers: list[dict], nested: bool) -> None:
+        for layer in layers:
+            inner = layer.get("config", {})
+            if "layers" in inner:
+                retype(inner["layers"], nested=True)
+                continue
+            if not nested or not isinstance(inner.get("dtype"), dict):
+                continue  # outer layers: input, AppendOnes, pooling stay float32
+            if layer.get("class_name") == "Conv2D" and first_conv[0]:
+                first_conv[0] = False
+                continue
+            inner["dtype"] = {"module": "keras", "class_name": "DTypePolicy", "config": {"name": _MIXED[precision]},
+                              "registered_name": None}
+
+    retype(config["layers"], nested=False)
+    converted = keras.Model.from_config(config, custom_objects={"AppendOnes": AppendOnes})
+    converted.set_weights(extractor.get_weights())
+    return converted
+
+
+__all__ = ["AppendOnes", "IMAGENET", "build_extractor", "candidate_features", "extractor_from", "fold_first_conv", "reference_model",
+           "with_precision"]

@@ -1,4 +1,5 @@
-"""`osteoscreen bench`: raw model throughput, the yardstick the serving benchmark divides by.
+"""`osteoscreen bench`: raw model throughput, the yardstick the serving benchmark divides by, in one or more
+compute precisions (`--precision float32 auto` measures both back to back and gives their ratios).
 
 Raw means no server: the extractor (and, with a registered model, the Random Forest) called in this
 process on ready 224x224 inputs, so decoding and transport costs are excluded on purpose.
@@ -30,18 +31,40 @@ def measure(predict_fn, batch_sizes=(1, 8, 32), min_seconds: float = 5.0, seed: 
     return [_rate(predict_fn, rng.uniform(0, 255, (b, 224, 224, 1)).astype(np.float32), min_seconds) for b in batch_sizes]
 
 
-def run_raw(backbone: str = "vgg16", model_tag: str | None = None, batch_sizes=(1, 8, 32), min_seconds: float = 5.0) -> str:
+def run_raw(backbone: str = "vgg16", model_tag: str | None = None, batch_sizes=(1, 8, 32), min_seconds: float = 5.0,
+            precisions: list[str] | None = None) -> str:
+    """Raw throughput in each of `precisions` (default: $OSTEOSCREEN_PRECISION, else auto), back to back in
+    this one process, so that their ratios mean something on a shared machine; `results` is the first one's."""
     import os
 
-    if model_tag:
-        from osteoscreen.model import bundle
+    from osteoscreen.model import precision as precision_mod
 
-        model = bundle.load(model_tag)
-        fn, what = model.probabilities, f"{model.tag} (extractor + calibrated RF)"
-    else:
-        from osteoscreen.model.backbones import build_extractor
+    runs = []
+    base = None
+    for asked in precisions or [None]:
+        choice = precision_mod.choose(asked)
+        if model_tag:
+            from osteoscreen.model import bundle
 
-        extractor = build_extractor(backbone)
-        fn, what = extractor.predict_on_batch, f"{backbone} extractor (all candidate features)"
-    result = {"model": what, "cpu_count": os.cpu_count(), "results": measure(fn, batch_sizes, min_seconds)}
+            model = bundle.load(model_tag, precision=asked)  # the numerics gate applies, as in serving
+            fn, what, reason = model.probabilities, f"{model.tag} (extractor + calibrated RF)", model.precision_reason
+            used = model.precision
+        else:
+            from osteoscreen.model.backbones import build_extractor, with_precision
+
+            base = base or build_extractor(backbone)
+            fn, what, reason = with_precision(base, choice.precision).predict_on_batch, \
+                f"{backbone} extractor (all candidate features)", choice.describe()
+            used = choice.precision
+        runs.append({"requested": choice.requested, "precision": used, "reason": reason,
+                     "results": measure(fn, batch_sizes, min_seconds)})
+    first = runs[0]
+    result = {"model": what, "cpu_count": os.cpu_count(), "precision": first["precision"], "results": first["results"]}
+    if len(runs) > 1:
+        result["by_precision"] = runs
+        result["ratios_to_first"] = [
+            {"precision": run["precision"], "requested": run["requested"], "batch": row["batch"],
+             "throughput_x": round(row["images_per_s"] / ref["images_per_s"], 3),
+             "call_time_x": round(row["median_call_ms"] / ref["median_call_ms"], 3)}
+            for run in runs[1:] for row, ref in zip(run["results"], first["results"])]
     return json.dumps(result, indent=2)

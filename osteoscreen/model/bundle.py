@@ -10,6 +10,7 @@ data set fingerprint, training parameters.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ _EXTRACTOR_FILE = "extractor.keras"
 _CLASSIFIER_FILE = "classifier.joblib"
 _CARD_FILE = "model_card.json"
 _CONTENT_CHECK_FILE = "content_check.joblib"
+log = logging.getLogger("osteoscreen.model")
 
 
 @dataclass
@@ -39,6 +41,8 @@ class ModelBundle:
     # osteoscreen.intended_use.content.ContentCheck fitted on this model's training features; None in models
     # trained before intended-use checks existed (their content scores are NaN, which the policy treats as failed)
     content_check: Any = None
+    precision: str = "float32"  # what the extractor computes in now (the card's "precision": what it was trained on)
+    precision_reason: str = ""
 
     def features_of(self, batch: np.ndarray) -> np.ndarray:
         """(N, 224, 224, 1) -> (N, D): the feature sets the classifier was trained on, in order."""
@@ -116,6 +120,8 @@ def register_derived(parent_tag: str, classifier: Any, threshold: float, metadat
     with bentoml.models.create(parent.tag.name, labels=labels, metadata={**_summary(card), "parent": str(parent.tag)},
                                module="osteoscreen.model.bundle") as model:
         shutil.copyfile(parent.path_of(_EXTRACTOR_FILE), model.path_of(_EXTRACTOR_FILE))
+        if Path(parent.path_of(_CONTENT_CHECK_FILE)).exists():  # fitted on the same extractor's features: still valid
+            shutil.copyfile(parent.path_of(_CONTENT_CHECK_FILE), model.path_of(_CONTENT_CHECK_FILE))
         joblib.dump(classifier, model.path_of(_CLASSIFIER_FILE))
         Path(model.path_of(_CARD_FILE)).write_text(json.dumps(card, indent=2))
     return str(model.tag)
@@ -140,12 +146,20 @@ def find_model(tag: str | None = None):
         return None
 
 
-def load(tag: str | None = None) -> ModelBundle:
-    """Load a registered bundle; raises ModelNotFoundError with a hint when none matches."""
+def load(tag: str | None = None, precision: str | None = None) -> ModelBundle:
+    """Load a registered bundle; raises ModelNotFoundError with a hint when none matches.
+
+    `precision` (a CLI flag; default $OSTEOSCREEN_PRECISION, else auto) picks the extractor's compute precision,
+    through the numerics gate: a precision other than the one the classifier was trained on only when the
+    card's recorded agreement check passed. The choice and its reason are logged and kept on the bundle.
+    """
     import joblib
     import keras
 
-    import osteoscreen.model.backbones  # noqa: F401 - registers the custom layer the extractor file names
+    from osteoscreen.model import precision as precision_mod
+    from osteoscreen.model.backbones import with_precision  # also registers the layer the extractor file names
+
+    choice = precision_mod.choose(precision)  # a bad value fails before the slow load
 
     model = find_model(tag)
     if model is None:
@@ -153,9 +167,13 @@ def load(tag: str | None = None) -> ModelBundle:
             f"no registered model {tag or MODEL_NAME + ':latest'}; train one with `osteoscreen train --data DIR`"
         )
     card = json.loads(Path(model.path_of(_CARD_FILE)).read_text())
+    trained = card.get("precision", precision_mod.FLOAT32)  # bundles from before precisions were float32
+    served, reason = precision_mod.gate(choice, trained, card.get("precision_check"))
+    log.info("model %s: extractor %s", model.tag, reason)
+    extractor = keras.saving.load_model(model.path_of(_EXTRACTOR_FILE), compile=False)
     content_file = Path(model.path_of(_CONTENT_CHECK_FILE))
     return ModelBundle(
-        extractor=keras.saving.load_model(model.path_of(_EXTRACTOR_FILE), compile=False),
+        extractor=with_precision(extractor, served),
         classifier=joblib.load(model.path_of(_CLASSIFIER_FILE)),
         features=list(card["features"]),
         threshold=float(card["threshold"]),
@@ -164,6 +182,8 @@ def load(tag: str | None = None) -> ModelBundle:
         version=model.tag.version,
         metadata=card,
         content_check=joblib.load(content_file) if content_file.exists() else None,
+        precision=served,
+        precision_reason=reason,
     )
 
 
@@ -180,6 +200,20 @@ def _summary(card: dict) -> dict:
     for key in ("content_cutoff", "content_acceptance"):
         if intended.get(key) is not None:
             facts[key] = intended[key]
+    if card.get("precision"):
+        facts["precision"] = card["precision"]
+    check = card.get("precision_check") or {}
+    for split in ("validation", "test"):  # the numerics gate's figures (validation decides; test is reported)
+        figures = check.get(split)
+        if figures:
+            prefix = f"precision_check_{split}"
+            facts[f"{prefix}_max_abs_dp"] = figures["max_abs_dp"]
+            facts[f"{prefix}_label_agreement"] = figures["label_agreement"]
+            for name, auc in figures["auc"].items():
+                facts[f"{prefix}_auc_{name}"] = auc
+    if check:
+        facts["precision_check_passed"] = check["passed"]
+        facts["precision_check_rule"] = check["rule"]
     return facts
 
 

@@ -50,6 +50,7 @@ class ModelInfo:
     threshold: float
     intended_use: dict | None = None  # the model card's `intended_use` (rules and content cut-off)
     clinical: bool = False  # the model card records real (not phantom) training data; only then no "not for clinical use"
+    precision: str = "float32"  # the extractor's compute precision, as the model service chose it
 
 
 class InferencePath:
@@ -67,7 +68,8 @@ class InferencePath:
     def set_model(self, info: ModelInfo) -> None:
         self._info = info
         self._rules = IntendedUse.from_dict(info.intended_use)
-        metrics.MODEL_INFO.labels(name=info.name, version=info.version, backbone=info.backbone).set(1)
+        metrics.MODEL_INFO.labels(name=info.name, version=info.version, backbone=info.backbone,
+                                  precision=info.precision).set(1)
 
     def is_ready(self) -> bool:
         return self._info is not None

@@ -58,8 +58,21 @@ PROBABILITY = bentoml.metrics.Histogram(
 )
 MODEL_INFO = bentoml.metrics.Gauge(
     name="osteoscreen_model_info",
-    documentation="Always 1; labels name the model being served.",
-    labelnames=["name", "version", "backbone"],
+    documentation="Always 1; labels name the model being served and the extractor's compute precision.",
+    labelnames=["name", "version", "backbone", "precision"],
+    multiprocess_mode="max",
+)
+MODEL_CPU = bentoml.metrics.Counter(
+    name="osteoscreen_model_cpu_seconds_total",
+    documentation="CPU seconds the model service's process spent inside model calls (extractor + Random Forest); "
+                  "its total CPU minus this is serving overhead (`make bench` reports it per image).",
+)
+STARTUP = bentoml.metrics.Gauge(
+    name="osteoscreen_startup_seconds",
+    documentation="Model service start-up by phase (spawn: process start to service init, service imports "
+                  "included; import: TensorFlow and Keras; load: bundle load; warmup: first model call, graph "
+                  "tracing included).",
+    labelnames=["phase"],
     multiprocess_mode="max",
 )
 OUT_OF_INTENDED_USE = bentoml.metrics.Counter(

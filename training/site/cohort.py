@@ -91,7 +91,7 @@ def file_sha256(path: Path) -> str:
 def features(model, cohort: Cohort, extractor_sha256: str, indices: list[int] | None = None) -> np.ndarray:
     """(N, D) classifier inputs for the cohort's images, through the bundle's own `features_of`."""
     indices = list(range(len(cohort.samples))) if indices is None else list(indices)
-    cache = FeatureCache(f"served-{model.backbone}", extractor_sha256)
+    cache = FeatureCache(f"served-{model.backbone}", extractor_sha256, model.precision)
     rows: list[np.ndarray | None] = []
     for i in indices:
         hit = cache.get(cohort.hashes[i])

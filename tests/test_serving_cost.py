@@ -1,0 +1,47 @@
+"""What `make bench` reads from a real server about precision and serving cost: the served precision (log line,
+`osteoscreen_model_info`), the model-call CPU counter, start-up phases, and the CPU per image outside the
+model call (`loadtest/overhead.py`). No timing is asserted: only that the figures exist and add up."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import urllib.request
+
+from loadtest.clients import Clients
+from loadtest.images import build_mix
+from loadtest.overhead import cpu_by_role, measure_overhead, role, startup_phases
+
+
+def test_processes_are_told_apart_by_their_command_line():
+    worker = ["python", "-m", "_bentoml_impl.worker.service", "service:Screening"]
+    assert role([*worker, "--service-name", "osteoscreen-model", "--fd", "3"]) == "model"
+    assert role([*worker, "--fd", "7", "--service-name", "osteoscreen", "--backlog", "2048"]) == "front"
+    assert role(["/venv/bin/bentoml", "serve", "service:Screening"]) == "supervisor"
+
+
+def test_served_precision_cost_and_startup_are_reported(server, registered_model):
+    with urllib.request.urlopen(f"{server.url}/metrics", timeout=30) as response:
+        text = response.read().decode()
+    info = re.search(r'osteoscreen_model_info\{[^}]*precision="(float32|bfloat16)"[^}]*\} 1\.0', text)
+    assert info, text[-2000:]
+    card = json.loads((registered_model["root"] / "reports" / "metrics.json").read_text())
+    assert card["precision"] in ("float32", "bfloat16")  # what training computed in
+    assert f"precision {info.group(1)}" in server.log_tail(200_000)  # the start-up log line names the choice
+
+    phases = startup_phases(server.url)
+    assert set(phases) == {"spawn", "import", "load", "warmup"} and all(v > 0 for v in phases.values())
+
+    mix = build_mix(None, "png=1", n_phantoms=2)
+    roles = cpu_by_role(server.processes())
+    assert roles["front"] > 0 and roles["model"] > 0
+
+    async def run():
+        async with Clients(server.url, server.grpc_target) as clients:
+            return await measure_overhead(server, clients, "phantom PNG", mix.by_format["png"], "grpc", 6, concurrency=2)
+
+    o = asyncio.run(run())
+    assert o.images == 6 and o.model_call_ms > 0 and o.front_ms > 0  # the counter moved; the front worked
+    row = o.row()
+    assert row["ceiling_images_per_s_per_core"] == round(1000 / o.outside_ms, 1)
