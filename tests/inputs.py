@@ -82,6 +82,20 @@ def real_radiograph(name: str) -> bytes:
     return testdata(name if name.endswith(".dcm") else f"{name}.dcm")
 
 
+def retagged(name: str, **attributes: object) -> bytes:
+    """A real radiograph (`real_radiograph(name)`) with header attributes set, or removed where None."""
+    ds = pydicom.dcmread(io.BytesIO(real_radiograph(name)))
+    for key, value in attributes.items():
+        if value is None:
+            if key in ds:
+                delattr(ds, key)
+        else:
+            setattr(ds, key, value)
+    buffer = io.BytesIO()
+    ds.save_as(buffer)
+    return buffer.getvalue()
+
+
 def picture(height: int = 240, width: int = 200, seed: int | None = None) -> np.ndarray:
     """A deterministic radiograph-like picture in [0.05, 0.95]: soft background, a bright
     'vertebral column' of blocks, smooth gradients and fine texture. A seed varies the block

@@ -26,7 +26,7 @@ from osteoscreen.serving.grpc import screening, v2
 from osteoscreen.serving.grpc.server import GrpcServer, GrpcSettings
 from osteoscreen.serving.inference import InferencePath, ModelInfo
 from osteoscreen.types import Prediction
-from tests.inputs import good_png, real_radiograph
+from tests.inputs import good_png, retagged
 
 # distinctive identifiers: none may reach a log line, a metric or an error message
 PATIENT_NAME = "Quixwort^Zebulona"
@@ -36,16 +36,7 @@ INFO = ModelInfo(name="osteoscreen", version="t13version", backbone="vgg16", thr
 
 def source(name: str = "RG3_J2KR", **attributes: object) -> bytes:
     """A real radiograph from pydicom-data with distinctive patient identifiers (and any other attributes)."""
-    ds = pydicom.dcmread(io.BytesIO(real_radiograph(name)))
-    ds.PatientName, ds.PatientID = PATIENT_NAME, PATIENT_ID
-    for key, value in attributes.items():
-        if value is None:
-            delattr(ds, key)
-        else:
-            setattr(ds, key, value)
-    buffer = io.BytesIO()
-    ds.save_as(buffer)
-    return buffer.getvalue()
+    return retagged(name, PatientName=PATIENT_NAME, PatientID=PATIENT_ID, **attributes)
 
 
 def dciodvfy_errors(data: bytes, tmp_path) -> list[str]:

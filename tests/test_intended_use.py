@@ -5,13 +5,11 @@ check's statistics, and what the inference path and every protocol do with image
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import pickle
 
 import grpc
 import numpy as np
-import pydicom
 import pytest
 from pydicom.dataset import Dataset
 from starlette.testclient import TestClient
@@ -24,7 +22,7 @@ from osteoscreen.intended_use.rules import IntendedUse
 from osteoscreen.serving import http
 from osteoscreen.serving.inference import InferencePath, ModelInfo
 from osteoscreen.types import Finding
-from tests.inputs import good_png, real_radiograph
+from tests.inputs import good_png, real_radiograph, retagged
 from tests.inputs import testdata as dicom_file
 
 RULES = IntendedUse(content_cutoff=5.0)
@@ -36,16 +34,7 @@ def checks(findings: list[Finding]) -> dict[str, str]:
 
 def lumbar_lateral(**tags: str) -> bytes:
     """RG3 (a real CR) retagged as what the model is for: a lateral lumbar spine of a 70-year-old."""
-    ds = pydicom.dcmread(io.BytesIO(real_radiograph("RG3_J2KR")))
-    ds.BodyPartExamined, ds.ViewPosition, ds.PatientAge = "LSPINE", "LL", "070Y"
-    for key, value in tags.items():
-        if value is None:
-            delattr(ds, key)
-        else:
-            setattr(ds, key, value)
-    buf = io.BytesIO()
-    ds.save_as(buf)
-    return buf.getvalue()
+    return retagged("RG3_J2KR", **{"BodyPartExamined": "LSPINE", "ViewPosition": "LL", "PatientAge": "070Y", **tags})
 
 
 # --- header checks ------------------------------------------------------------------------------------------

@@ -235,7 +235,7 @@ def test_a_version_whose_parts_were_swapped_is_refused(tmp_path, monkeypatch):
     extractor.write_bytes(b"the parent's extractor")
     monkeypatch.setattr(bundle, "stored_file", lambda tag, part: extractor)
     monkeypatch.setattr(bundle, "find_model", lambda tag=None: None)  # parent no longer in the store
-    record = {"parent": "osteoscreen:parent", "extractor_sha256": cohort.file_sha256(extractor),
+    record = {"parent": "osteoscreen:parent", "extractor_sha256": lineage.sha256_file(extractor),
               "forest_sha256": lineage.forest_sha256(parent)}
 
     def version(classifier) -> bundle.ModelBundle:

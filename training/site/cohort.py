@@ -8,7 +8,6 @@ changes the population being validated. `skip_unreadable=True` drops them and re
 
 from __future__ import annotations
 
-import hashlib
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,13 +78,6 @@ def load(root: Path, skip_unreadable: bool = False) -> Cohort:
                         f"(have {counts})")
     return cohort
 
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def features(model, cohort: Cohort, extractor_sha256: str, indices: list[int] | None = None) -> np.ndarray:

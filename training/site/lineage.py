@@ -18,7 +18,7 @@ from sklearn.frozen import FrozenEstimator
 from osteoscreen.errors import OsteoScreenError
 from osteoscreen.model import bundle
 
-from training.site.cohort import file_sha256
+from osteoscreen.model.weights import sha256_file
 
 
 class LineageError(OsteoScreenError):
@@ -66,7 +66,7 @@ def hashes(tag: str, classifier: Any | None = None) -> dict[str, str]:
         import joblib
 
         classifier = joblib.load(bundle.stored_file(tag, "classifier"))
-    return {"extractor_sha256": file_sha256(bundle.stored_file(tag, "extractor")),
+    return {"extractor_sha256": sha256_file(bundle.stored_file(tag, "extractor")),
             "forest_sha256": forest_sha256(classifier)}
 
 
