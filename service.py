@@ -26,8 +26,9 @@ import numpy as np
 
 from osteoscreen.serving import http, metrics
 from osteoscreen.serving.batching import GreedyBatcher
-from osteoscreen.serving.inference import InferencePath, ModelInfo
-from osteoscreen.serving.model_client import remote_infer
+from osteoscreen.serving.inference import InferencePath
+from osteoscreen.serving.model_client import remote_infer, remote_info
+from osteoscreen.serving.readiness import ModelWatch
 
 log = logging.getLogger("osteoscreen.service")
 
@@ -89,6 +90,7 @@ class Screening:
         self.path = InferencePath(remote_infer(lambda batch: self.model.to_async.infer(batch)))
         http_app.state.predictor = self.path
         self.grpc = None
+        self._watch: asyncio.Task | None = None
 
     @bentoml.on_startup
     async def start_grpc(self) -> None:
@@ -96,20 +98,15 @@ class Screening:
 
         self.grpc = GrpcServer(self.path)
         await self.grpc.start()
-        asyncio.get_running_loop().create_task(self._await_model())
-
-    async def _await_model(self) -> None:
-        """Ready only once the model service answers: probes must not route traffic to a cold replica."""
-        while not self.path.is_ready():
-            try:
-                self.path.set_model(ModelInfo(**await self.model.to_async.info()))
-                log.info("model %s:%s ready", self.path.model_name, self.path.model_version)
-            except Exception as exc:  # noqa: BLE001 - the model service is still loading
-                log.debug("model not ready yet: %s", exc)
-                await asyncio.sleep(1.0)
+        # Ready only while the model service answers: not before it has loaded (probes must not route
+        # traffic to a cold replica), and not while it is dead, restarting or hung.
+        self._watch = asyncio.get_running_loop().create_task(
+            ModelWatch(self.path, remote_info(lambda: self.model.to_async.info())).run())
 
     @bentoml.on_shutdown
     async def stop_grpc(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
         if self.grpc is not None:
             await self.grpc.stop()
 

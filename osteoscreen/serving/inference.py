@@ -11,6 +11,7 @@ out in. The model's speed comes with its answers, so the estimate follows the ha
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from collections.abc import Sequence
@@ -22,6 +23,8 @@ from osteoscreen.serving import metrics
 from osteoscreen.errors import ImageDecodeError, ModelUnavailableError, OverloadedError
 from osteoscreen.imaging.decode import load_image
 from osteoscreen.types import LABELS, InferFn, Prediction
+
+log = logging.getLogger("osteoscreen.inference")
 
 # refuse when the expected wait exceeds this share of the deadline: on a busy machine the estimate runs
 # low (decoding competes with the model for cores), and a queue of half a deadline keeps the model busy
@@ -45,16 +48,31 @@ class InferencePath:
     def __init__(self, infer: InferFn, max_queue: int | None = None):
         self._infer = infer
         self._info: ModelInfo | None = None
+        # whether the model service answers now: set by the readiness watch, cleared by a failed call too
+        self._model_up = False
+        self.down_reason = "the model is still loading"
         self.max_queue = max_queue or int(os.environ.get("OSTEOSCREEN_MAX_QUEUE", "64"))
         self.queued = 0  # images admitted and not yet answered, in this worker
         self.seconds_per_image: float | None = None  # the model's recent speed; None until its first answer
 
     def set_model(self, info: ModelInfo) -> None:
+        """The model service answered (at start, or again after a crash): serve, and say which model."""
+        if not self._model_up and self._info is not None:
+            log.warning("the model service answers again: ready")
         self._info = info
+        self._model_up = True
         metrics.MODEL_INFO.labels(name=info.name, version=info.version, backbone=info.backbone).set(1)
 
+    def model_down(self, reason: str) -> None:
+        """The model service died, hangs or cannot be reached: not ready (probes take the replica out of
+        the Service) and new requests are refused at once as retryable, until `set_model` again."""
+        if self._model_up:
+            log.warning("model service unavailable, not ready: %s", reason)
+        self._model_up = False
+        self.down_reason = reason
+
     def is_ready(self) -> bool:
-        return self._info is not None
+        return self._info is not None and self._model_up
 
     @property
     def model_name(self) -> str:
@@ -71,8 +89,8 @@ class InferencePath:
     async def predict(self, images: Sequence[bytes], format_hints: Sequence[str | None] | None = None,
                       timeout: float | None = None) -> list[Prediction]:
         info = self._info
-        if info is None:
-            raise ModelUnavailableError("the model is still loading; retry shortly")
+        if info is None or not self._model_up:
+            raise ModelUnavailableError(f"the model service is not available ({self.down_reason}); retry shortly")
         if not images:
             raise ImageDecodeError("the request holds no image")
         hints = list(format_hints) if format_hints is not None else [None] * len(images)
@@ -84,7 +102,11 @@ class InferencePath:
             async with asyncio.timeout(timeout):
                 batch = await self._decode(images, hints)
                 sent = time.perf_counter()
-                out = np.asarray(await self._infer(batch))
+                try:
+                    out = np.asarray(await self._infer(batch))
+                except ModelUnavailableError as exc:
+                    self.model_down(str(exc))  # a real call saw it first: do not wait for the next check
+                    raise
         finally:
             self.queued -= len(images)
         compute, size = float(out[0, BATCH_SECONDS]), float(out[0, BATCH_SIZE])
