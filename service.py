@@ -46,7 +46,9 @@ class Model:
 
     def __init__(self) -> None:
         from osteoscreen.model import bundle
+        from osteoscreen.model.threads import limit_threads
 
+        limit_threads()  # before TensorFlow starts: pools sized to the pod's CPU limit, not the node's cores
         self.bundle = bundle.load(str(self.bento_model.tag))
         self.bundle.probabilities(np.zeros((1, 224, 224, 1), np.float32))  # warm-up: trace before traffic
         # one thread runs every model call: calls never overlap, and TensorFlow keeps one thread's caches

@@ -110,6 +110,37 @@ def test_a_failed_call_takes_the_path_out_before_the_next_check_and_later_calls_
     asyncio.run(main())
 
 
+def test_a_request_that_was_decoding_when_the_model_went_down_never_reaches_it(monkeypatch) -> None:
+    """Sent after the crash, it would wait on the restarting model's socket until its deadline (a 504)."""
+    import threading
+
+    import osteoscreen.serving.inference as inference
+
+    decoding, finish = threading.Event(), threading.Event()
+    real_load = inference.load_image
+
+    def slow_load(data: bytes, hint: str | None = None) -> np.ndarray:
+        decoding.set()
+        finish.wait(10)
+        return real_load(data, hint)
+
+    async def main() -> None:
+        model = FakeModelService()
+        path, watch = watched(model)
+        await watch.check()
+        monkeypatch.setattr(inference, "load_image", slow_load)
+        request = asyncio.create_task(path.predict([good_png(0)], timeout=30.0))
+        await asyncio.to_thread(decoding.wait, 10)
+        model.state = "dead"
+        await watch.check()  # the model is known to be down while the request still decodes
+        finish.set()
+        with pytest.raises(ModelUnavailableError, match="not available"):
+            await request
+        assert model.infer_calls == 0 and path.queued == 0
+
+    asyncio.run(main())
+
+
 def test_grpc_health_follows_the_model_service_and_predictions_resume() -> None:
     model = FakeModelService()
     path, watch = watched(model)

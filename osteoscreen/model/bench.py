@@ -33,6 +33,9 @@ def measure(predict_fn, batch_sizes=(1, 8, 32), min_seconds: float = 5.0, seed: 
 def run_raw(backbone: str = "vgg16", model_tag: str | None = None, batch_sizes=(1, 8, 32), min_seconds: float = 5.0) -> str:
     import os
 
+    from osteoscreen.model.threads import limit_threads
+
+    limits = limit_threads()  # as the model service does (OSTEOSCREEN_CPUS overrides, to compare pool sizes)
     if model_tag:
         from osteoscreen.model import bundle
 
@@ -43,5 +46,6 @@ def run_raw(backbone: str = "vgg16", model_tag: str | None = None, batch_sizes=(
 
         extractor = build_extractor(backbone)
         fn, what = extractor.predict_on_batch, f"{backbone} extractor (all candidate features)"
-    result = {"model": what, "cpu_count": os.cpu_count(), "results": measure(fn, batch_sizes, min_seconds)}
+    result = {"model": what, "cpu_count": os.cpu_count(), "tf_intra_op_threads": limits.intra_op,
+              "tf_inter_op_threads": limits.inter_op, "results": measure(fn, batch_sizes, min_seconds)}
     return json.dumps(result, indent=2)

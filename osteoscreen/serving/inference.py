@@ -2,10 +2,12 @@
 
 bytes -> decoded, validated 224x224 tensor (here, on the front workers' threads) -> the model service's
 `infer`, which batches the requests of every protocol and front worker (`osteoscreen.serving.batching`) and runs
-extractor + calibrated RF -> Prediction. Admission is bounded twice: by images waiting (`max_queue`,
-which bounds memory) and by time: a request that the images ahead of it would keep past its deadline is
-refused at once (OverloadedError -> 503 / RESOURCE_EXHAUSTED) instead of joining a queue it would time
-out in. The model's speed comes with its answers, so the estimate follows the hardware and batch sizes.
+extractor + calibrated RF -> Prediction. Admission is bounded three times: by images waiting (`max_queue`),
+by their encoded bytes (`max_inflight_bytes`: one 30 MiB DICOM weighs as much as two hundred phantoms; the
+two bound the memory a queue holds), and by time: a request that the images ahead of it would keep past its
+deadline is refused at once (OverloadedError -> 503 / RESOURCE_EXHAUSTED) instead of joining a queue it
+would time out in. The model's speed comes with its answers, so the estimate follows the hardware and batch
+sizes. Decodes run at most one per CPU at once (`decode_threads`), which bounds their memory.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import numpy as np
 from osteoscreen.serving import metrics
 from osteoscreen.errors import ImageDecodeError, ModelUnavailableError, OverloadedError
 from osteoscreen.imaging.decode import load_image
+from osteoscreen.resources import cpu_budget
 from osteoscreen.types import LABELS, InferFn, Prediction
 
 log = logging.getLogger("osteoscreen.inference")
@@ -32,6 +35,10 @@ DEADLINE_SHARE = 0.5
 SPEED_SMOOTHING = 0.3  # weight of the newest batch in the moving average of seconds per image
 # infer answers each image with a row: probability, its batch's compute seconds, its batch's size
 PROBABILITY, BATCH_SECONDS, BATCH_SIZE = range(3)
+MiB = 1024 * 1024
+# Measured (`python -m loadtest.memory`): decoding a 50 MP 16-bit PNG, the largest image the limits admit, peaks
+# at ~366 MiB, a 1955x1841 CR DICOM at ~60 MiB. Decodes run at most one per CPU at once (more threads than
+# CPUs only add memory), so the decode peak is bounded by CPUs x 366 MiB.
 
 
 @dataclass(frozen=True)
@@ -45,14 +52,20 @@ class ModelInfo:
 class InferencePath:
     """Implements `types.Predictor` over a (remote, batched) model call."""
 
-    def __init__(self, infer: InferFn, max_queue: int | None = None):
+    def __init__(self, infer: InferFn, max_queue: int | None = None, max_inflight_bytes: int | None = None,
+                 decode_threads: int | None = None):
         self._infer = infer
         self._info: ModelInfo | None = None
         # whether the model service answers now: set by the readiness watch, cleared by a failed call too
         self._model_up = False
         self.down_reason = "the model is still loading"
         self.max_queue = max_queue or int(os.environ.get("OSTEOSCREEN_MAX_QUEUE", "64"))
+        self.max_inflight_bytes = max_inflight_bytes or int(
+            os.environ.get("OSTEOSCREEN_MAX_INFLIGHT_BYTES", str(256 * MiB)))
         self.queued = 0  # images admitted and not yet answered, in this worker
+        self.queued_bytes = 0  # their encoded bytes
+        self.decode_threads = decode_threads or int(os.environ.get("OSTEOSCREEN_DECODE_THREADS", "0")) or cpu_budget()
+        self._decode_slots = asyncio.Semaphore(self.decode_threads)
         self.seconds_per_image: float | None = None  # the model's recent speed; None until its first answer
 
     def set_model(self, info: ModelInfo) -> None:
@@ -96,11 +109,17 @@ class InferencePath:
         hints = list(format_hints) if format_hints is not None else [None] * len(images)
         if len(hints) != len(images):
             raise ImageDecodeError(f"{len(hints)} format hints for {len(images)} images")
-        self._admit(len(images), timeout)
+        size = sum(len(image) for image in images)
+        self._admit(len(images), size, timeout)
         self.queued += len(images)
+        self.queued_bytes += size
         try:
             async with asyncio.timeout(timeout):
                 batch = await self._decode(images, hints)
+                if not self._model_up:  # it went down while this request decoded: a call now would wait
+                    # on the restarting model's socket until the deadline, instead of being retried elsewhere
+                    raise ModelUnavailableError(f"the model service is not available ({self.down_reason}); "
+                                                "retry shortly")
                 sent = time.perf_counter()
                 try:
                     out = np.asarray(await self._infer(batch))
@@ -109,6 +128,7 @@ class InferencePath:
                     raise
         finally:
             self.queued -= len(images)
+            self.queued_bytes -= size
         compute, size = float(out[0, BATCH_SECONDS]), float(out[0, BATCH_SIZE])
         metrics.QUEUE_WAIT.observe(max(0.0, time.perf_counter() - sent - compute))
         self._learn(compute / size)
@@ -120,9 +140,14 @@ class InferencePath:
             predictions.append(Prediction(probability, label, info.threshold, info.name, info.version))
         return predictions
 
-    def _admit(self, n: int, timeout: float | None) -> None:
+    def _admit(self, n: int, size: int, timeout: float | None) -> None:
         if self.queued + n > self.max_queue:
             raise OverloadedError(f"server busy: {self.queued} images queued (limit {self.max_queue}); retry later")
+        # a lone request larger than the budget still goes (the input limits bound it), never two at once
+        if self.queued_bytes and self.queued_bytes + size > self.max_inflight_bytes:
+            raise OverloadedError(f"server busy: {self.queued_bytes / MiB:.0f} MiB of images in flight, "
+                                  f"{size / MiB:.1f} MiB more would pass the {self.max_inflight_bytes / MiB:.0f} MiB "
+                                  "limit; retry later")
         per_image = self.seconds_per_image
         if timeout is None or per_image is None:
             return
@@ -139,11 +164,11 @@ class InferencePath:
         old = self.seconds_per_image
         self.seconds_per_image = sample if old is None else old + SPEED_SMOOTHING * (sample - old)
 
-    @staticmethod
-    async def _decode(images: Sequence[bytes], hints: list[str | None]) -> np.ndarray:
+    async def _decode(self, images: Sequence[bytes], hints: list[str | None]) -> np.ndarray:
         async def one(index: int) -> np.ndarray:
             try:
-                return await asyncio.to_thread(load_image, images[index], hints[index])
+                async with self._decode_slots:
+                    return await asyncio.to_thread(load_image, images[index], hints[index])
             except ImageDecodeError as exc:
                 raise ImageDecodeError(f"image {index}: {exc}" if len(images) > 1 else str(exc)) from None
 
