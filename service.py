@@ -34,6 +34,8 @@ log = logging.getLogger("osteoscreen.service")
 
 MODEL_TAG = os.environ.get("OSTEOSCREEN_MODEL_TAG", "osteoscreen:latest")
 MAX_BATCH = int(os.environ.get("OSTEOSCREEN_MAX_BATCH", "32"))
+HTTP_MAX_CONCURRENT = int(os.environ.get("OSTEOSCREEN_HTTP_MAX_CONCURRENT", "16"))
+FRONT_WORKERS = int(os.environ.get("OSTEOSCREEN_FRONT_WORKERS", "1"))
 _model_resources = {"gpu": 1} if os.environ.get("OSTEOSCREEN_GPU") == "1" else {"cpu": "1"}
 
 
@@ -81,8 +83,10 @@ http_app = http.create_app()
 @bentoml.asgi_app(http_app, path="/")
 @bentoml.service(
     name="osteoscreen",
-    workers=int(os.environ.get("OSTEOSCREEN_FRONT_WORKERS", "1")),
-    traffic={"timeout": 120},
+    workers=FRONT_WORKERS,
+    # HTTP requests in flight per worker (BentoML answers 503 beyond; /readyz, /metrics bypass it): each holds a
+    # body of up to OSTEOSCREEN_MAX_BYTES, so this bounds HTTP's share of memory as the gRPC limits bound gRPC's
+    traffic={"timeout": 120, "max_concurrency": HTTP_MAX_CONCURRENT * FRONT_WORKERS},
     http={"port": 3000},
 )
 class Screening:

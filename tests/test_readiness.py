@@ -110,6 +110,57 @@ def test_a_failed_call_takes_the_path_out_before_the_next_check_and_later_calls_
     asyncio.run(main())
 
 
+def test_calls_waiting_on_a_dead_model_are_cut_at_once_not_left_to_their_deadline() -> None:
+    """A call sent just before the crash waits in the restarting model's socket backlog (BentoML's arbiter keeps
+    the socket): when another call finds the process gone, it is answered UNAVAILABLE at once."""
+    async def main() -> None:
+        model = FakeModelService()
+        path, watch = watched(model)
+        await watch.check()
+        model.state = "hung"  # accepted by the socket, never answered (the process behind it is gone)
+        stuck = asyncio.create_task(path.predict([good_png(0)], timeout=60.0))
+        while model.infer_calls < 1:
+            await asyncio.sleep(0.01)
+        model.state = "dead"
+        with pytest.raises(ModelUnavailableError, match="cannot be reached"):
+            await path.predict([good_png(1)], timeout=60.0)  # this one sees the reset connection
+        with pytest.raises(ModelUnavailableError, match="not available"):
+            await asyncio.wait_for(stuck, 2.0)  # a TimeoutError here: left waiting for the restart
+        assert path.queued == 0 and path.queued_bytes == 0
+        model.state = "up"
+        await watch.check()
+        assert len(await path.predict([good_png(2)], timeout=5.0)) == 1
+
+    asyncio.run(main())
+
+
+def test_a_slow_health_check_does_not_cut_calls_in_flight() -> None:
+    """Only a process known gone cuts calls; two slow health checks mark the path not ready, nothing more."""
+    async def main() -> None:
+        model = FakeModelService()
+        path, watch = watched(model)
+        await watch.check()
+        release = asyncio.Event()
+        real_infer = model.infer
+
+        async def slow_infer(batch: np.ndarray) -> np.ndarray:
+            await release.wait()
+            return await real_infer(batch)
+
+        path._infer = remote_infer(slow_infer)
+        busy = asyncio.create_task(path.predict([good_png(0)], timeout=60.0))
+        await asyncio.sleep(0.05)
+        model.state = "hung"
+        await watch.check()
+        await watch.check()
+        assert not path.is_ready()
+        model.state = "up"
+        release.set()
+        assert len(await busy) == 1, "a slow model's call in flight must still be answered"
+
+    asyncio.run(main())
+
+
 def test_a_request_that_was_decoding_when_the_model_went_down_never_reaches_it(monkeypatch) -> None:
     """Sent after the crash, it would wait on the restarting model's socket until its deadline (a 504)."""
     import threading

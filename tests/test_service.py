@@ -336,8 +336,6 @@ def test_graceful_shutdown_finishes_in_flight_requests(server, channel, images):
     assert unanswered > 0, f"all requests were answered before SIGTERM ({inflight} counted in flight)"
     assert len(results) == 12 and all(0.0 <= p <= 1.0 for p in results)
     server.proc.wait(timeout=90)
-    drained = [int(n) for n in re.findall(r"gRPC draining: (\d+) prediction calls in flight", server.log_tail(200_000))]
-    assert drained and max(drained) > 0, f"the drain saw no gRPC call in flight: {drained}"
     with pytest.raises(grpc.RpcError) as error:
         stub.Predict(pb.PredictRequest(image=images[0][1]), timeout=5)
     assert error.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)

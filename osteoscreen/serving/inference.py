@@ -59,6 +59,8 @@ class InferencePath:
         # whether the model service answers now: set by the readiness watch, cleared by a failed call too
         self._model_up = False
         self.down_reason = "the model is still loading"
+        self._calls: set[asyncio.Future] = set()  # model calls in flight
+        self._cut: set[asyncio.Future] = set()  # those cut because the model process is gone
         self.max_queue = max_queue or int(os.environ.get("OSTEOSCREEN_MAX_QUEUE", "64"))
         self.max_inflight_bytes = max_inflight_bytes or int(
             os.environ.get("OSTEOSCREEN_MAX_INFLIGHT_BYTES", str(256 * MiB)))
@@ -76,13 +78,23 @@ class InferencePath:
         self._model_up = True
         metrics.MODEL_INFO.labels(name=info.name, version=info.version, backbone=info.backbone).set(1)
 
-    def model_down(self, reason: str) -> None:
+    def model_down(self, reason: str, gone: bool = False) -> None:
         """The model service died, hangs or cannot be reached: not ready (probes take the replica out of
-        the Service) and new requests are refused at once as retryable, until `set_model` again."""
+        the Service) and new requests are refused at once as retryable, until `set_model` again.
+
+        `gone`: its process is known dead (a refused or reset connection, not a slow answer). Calls still in
+        flight to it are then cut: BentoML's arbiter keeps the listening socket open across the restart, so
+        a call sent just before the crash would otherwise wait in its backlog for the new process (tens of
+        seconds of model loading, past many deadlines) instead of being retried on another replica."""
+        reason = reason.removesuffix("; retry shortly")
         if self._model_up:
             log.warning("model service unavailable, not ready: %s", reason)
         self._model_up = False
         self.down_reason = reason
+        if gone:
+            for call in self._calls - self._cut:
+                self._cut.add(call)
+                call.cancel()
 
     def is_ready(self) -> bool:
         return self._info is not None and self._model_up
@@ -121,11 +133,21 @@ class InferencePath:
                     raise ModelUnavailableError(f"the model service is not available ({self.down_reason}); "
                                                 "retry shortly")
                 sent = time.perf_counter()
+                call = asyncio.ensure_future(self._infer(batch))
+                self._calls.add(call)
                 try:
-                    out = np.asarray(await self._infer(batch))
+                    out = np.asarray(await call)
                 except ModelUnavailableError as exc:
-                    self.model_down(str(exc))  # a real call saw it first: do not wait for the next check
+                    self.model_down(str(exc), gone=True)  # a real call saw it first: do not wait for the next check
                     raise
+                except asyncio.CancelledError:
+                    if call not in self._cut:
+                        raise  # the caller's deadline or cancellation
+                    raise ModelUnavailableError(f"the model service is not available ({self.down_reason}); "
+                                                "retry shortly") from None
+                finally:
+                    self._calls.discard(call)
+                    self._cut.discard(call)
         finally:
             self.queued -= len(images)
             self.queued_bytes -= size

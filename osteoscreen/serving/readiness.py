@@ -59,7 +59,7 @@ class ModelWatch:
             return False
         except ModelUnavailableError as exc:
             self.slow = 0
-            self.path.model_down(str(exc))
+            self.path.model_down(str(exc), gone=True)
             return False
         except Exception as exc:  # noqa: BLE001 - still loading (503), or an error answer: not serving
             self.slow = 0
