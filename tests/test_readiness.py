@@ -26,7 +26,8 @@ SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.Health
 
 
 class FakeModelService:
-    """`info` and `infer` of a model service that is up, dead (connection refused, as after SIGKILL) or hung."""
+    """`info` and `infer` of a model service that is up, dead (connection refused: nothing listens, as while
+    it restarts or shuts down), reset (a call's connection broke: the process died under it) or hung."""
 
     def __init__(self) -> None:
         self.state = "up"
@@ -35,6 +36,8 @@ class FakeModelService:
     async def _transport(self) -> None:
         if self.state == "dead":
             raise aiohttp.ClientConnectorError(None, OSError(111, "Connection refused"))  # type: ignore[arg-type]
+        if self.state == "reset":
+            raise aiohttp.ServerDisconnectedError()
         if self.state == "hung":
             await asyncio.sleep(3600)
 
@@ -121,15 +124,41 @@ def test_calls_waiting_on_a_dead_model_are_cut_at_once_not_left_to_their_deadlin
         stuck = asyncio.create_task(path.predict([good_png(0)], timeout=60.0))
         while model.infer_calls < 1:
             await asyncio.sleep(0.01)
-        model.state = "dead"
+        model.state = "reset"
         with pytest.raises(ModelUnavailableError, match="cannot be reached"):
-            await path.predict([good_png(1)], timeout=60.0)  # this one sees the reset connection
+            await path.predict([good_png(1)], timeout=60.0)  # this one's connection breaks: the process died
         with pytest.raises(ModelUnavailableError, match="not available"):
             await asyncio.wait_for(stuck, 2.0)  # a TimeoutError here: left waiting for the restart
         assert path.queued == 0 and path.queued_bytes == 0
         model.state = "up"
         await watch.check()
         assert len(await path.predict([good_png(2)], timeout=5.0)) == 1
+
+    asyncio.run(main())
+
+
+def test_a_model_shutting_down_refuses_new_calls_but_finishes_those_in_flight() -> None:
+    """On SIGTERM the model service stops listening (refused) while it finishes the calls it holds: the path is
+    not ready, but those calls are answered, not cut (the drain after SIGTERM depends on it)."""
+    async def main() -> None:
+        model = FakeModelService()
+        path, watch = watched(model)
+        await watch.check()
+        release = asyncio.Event()
+        real_infer = model.infer
+
+        async def held(batch: np.ndarray) -> np.ndarray:
+            await release.wait()
+            return await real_infer(batch)
+
+        path._infer = remote_infer(held)
+        busy = asyncio.create_task(path.predict([good_png(0)], timeout=60.0))
+        await asyncio.sleep(0.05)
+        model.state = "dead"
+        assert not await watch.check() and not path.is_ready()
+        model.state = "up"  # the calls already accepted still run to the end
+        release.set()
+        assert len(await busy) == 1
 
     asyncio.run(main())
 

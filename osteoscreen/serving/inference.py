@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from osteoscreen.serving import metrics
-from osteoscreen.errors import ImageDecodeError, ModelUnavailableError, OverloadedError
+from osteoscreen.errors import ImageDecodeError, ModelProcessLostError, ModelUnavailableError, OverloadedError
 from osteoscreen.imaging.decode import load_image
 from osteoscreen.resources import cpu_budget
 from osteoscreen.types import LABELS, InferFn, Prediction
@@ -82,7 +82,8 @@ class InferencePath:
         """The model service died, hangs or cannot be reached: not ready (probes take the replica out of
         the Service) and new requests are refused at once as retryable, until `set_model` again.
 
-        `gone`: its process is known dead (a refused or reset connection, not a slow answer). Calls still in
+        `gone`: its process is known dead (a connection reset under a call; not a refused connection, which a
+        model service shutting down gracefully gives while it finishes its calls, nor a slow answer). Calls still in
         flight to it are then cut: BentoML's arbiter keeps the listening socket open across the restart, so
         a call sent just before the crash would otherwise wait in its backlog for the new process (tens of
         seconds of model loading, past many deadlines) instead of being retried on another replica."""
@@ -137,8 +138,8 @@ class InferencePath:
                 self._calls.add(call)
                 try:
                     out = np.asarray(await call)
-                except ModelUnavailableError as exc:
-                    self.model_down(str(exc), gone=True)  # a real call saw it first: do not wait for the next check
+                except ModelUnavailableError as exc:  # a real call saw it first: do not wait for the next check
+                    self.model_down(str(exc), gone=isinstance(exc, ModelProcessLostError))
                     raise
                 except asyncio.CancelledError:
                     if call not in self._cut:

@@ -2,8 +2,10 @@
 
 A model process that crashed, is restarting or cannot be reached is a condition the caller can retry, here
 or on another replica (HTTP 503 / gRPC UNAVAILABLE), not an internal error; an error the model service
-itself answered with stays what it is. Readiness (`osteoscreen.serving.readiness`) uses the same split: a
-refused connection means the model process is gone, at once, without waiting for a timeout.
+itself answered with stays what it is. Two kinds are told apart: a connection that broke under a call
+(ModelProcessLostError: the process died, so every call it held is lost) and a connection refused or an
+unavailable answer (ModelUnavailableError: it may be restarting, or shutting down while it finishes the calls
+it already holds).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import aiohttp
 import numpy as np
 from bentoml.exceptions import ServiceUnavailable
 
-from osteoscreen.errors import ModelUnavailableError
+from osteoscreen.errors import ModelProcessLostError, ModelUnavailableError
 from osteoscreen.types import InferFn
 
 
@@ -24,8 +26,11 @@ from osteoscreen.types import InferFn
 def _transport_errors_are_unavailable() -> Iterator[None]:
     try:
         yield
-    except (aiohttp.ClientConnectionError, ServiceUnavailable) as exc:
+    except (aiohttp.ClientConnectorError, ServiceUnavailable) as exc:  # refused: nothing listens now
         raise ModelUnavailableError(
+            f"the model service cannot be reached ({type(exc).__name__}); retry shortly") from exc
+    except aiohttp.ClientConnectionError as exc:  # reset or disconnected under the call: the process died
+        raise ModelProcessLostError(
             f"the model service cannot be reached ({type(exc).__name__}); retry shortly") from exc
 
 

@@ -3,7 +3,8 @@
 The front (HTTP, gRPC, health) lives on when the model process is OOM-killed, crashes or hangs, and
 BentoML takes tens of seconds to restart it. Probes must see that: a cheap periodic `info` call with a
 timeout, plus the failures real calls meet (`InferencePath.predict`), turn the path not ready within
-seconds, and the next answer from the model service turns it ready again.
+seconds, and the next answer from the model service turns it ready again. A refused connection (the
+process is gone, or shutting down) counts at once; a slow answer only when it repeats.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from osteoscreen.errors import ModelUnavailableError
+from osteoscreen.errors import ModelProcessLostError, ModelUnavailableError
 from osteoscreen.serving.inference import InferencePath, ModelInfo
 
 log = logging.getLogger("osteoscreen.readiness")
@@ -59,7 +60,7 @@ class ModelWatch:
             return False
         except ModelUnavailableError as exc:
             self.slow = 0
-            self.path.model_down(str(exc), gone=True)
+            self.path.model_down(str(exc), gone=isinstance(exc, ModelProcessLostError))
             return False
         except Exception as exc:  # noqa: BLE001 - still loading (503), or an error answer: not serving
             self.slow = 0
