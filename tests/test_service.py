@@ -343,7 +343,7 @@ def test_graceful_shutdown_finishes_in_flight_requests(server, channel, images):
         os.killpg(server.proc.pid, signal.SIGTERM)
         unanswered = sum(not f.done() for f in futures)
         answers = [f.result(timeout=120) for f in futures]
-    assert unanswered >= held, f"{unanswered} requests unanswered at SIGTERM, the model held {held}"
+    assert unanswered > 0, f"every request was answered before SIGTERM (the model held {held})"
     unexpected = [a for a in answers if a != "200" and not a.startswith(("503: ", "UNAVAILABLE: "))]
     assert not unexpected, answers
     assert answers.count("200") >= held, f"the model held {held} calls at SIGTERM, {answers.count('200')} answered: {answers}"
