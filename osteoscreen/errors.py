@@ -29,8 +29,3 @@ class OverloadedError(OsteoScreenError):
 class ModelUnavailableError(OsteoScreenError):
     """The model service is loading, restarting or unreachable; the caller should retry, here or on another
     replica (gRPC UNAVAILABLE, HTTP 503)."""
-
-
-class ModelProcessLostError(ModelUnavailableError):
-    """A call's established connection to the model service broke: its process died under the call (a
-    refused new connection may only mean it is shutting down gracefully, finishing the calls it holds)."""

@@ -27,7 +27,7 @@ SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.Health
 
 class FakeModelService:
     """`info` and `infer` of a model service that is up, dead (connection refused: nothing listens, as while
-    it restarts or shuts down), reset (a call's connection broke: the process died under it) or hung."""
+    it restarts or shuts down) or hung."""
 
     def __init__(self) -> None:
         self.state = "up"
@@ -36,8 +36,6 @@ class FakeModelService:
     async def _transport(self) -> None:
         if self.state == "dead":
             raise aiohttp.ClientConnectorError(None, OSError(111, "Connection refused"))  # type: ignore[arg-type]
-        if self.state == "reset":
-            raise aiohttp.ServerDisconnectedError()
         if self.state == "hung":
             await asyncio.sleep(3600)
 
@@ -113,30 +111,6 @@ def test_a_failed_call_takes_the_path_out_before_the_next_check_and_later_calls_
     asyncio.run(main())
 
 
-def test_calls_waiting_on_a_dead_model_are_cut_at_once_not_left_to_their_deadline() -> None:
-    """A call sent just before the crash waits in the restarting model's socket backlog (BentoML's arbiter keeps
-    the socket): when another call finds the process gone, it is answered UNAVAILABLE at once."""
-    async def main() -> None:
-        model = FakeModelService()
-        path, watch = watched(model)
-        await watch.check()
-        model.state = "hung"  # accepted by the socket, never answered (the process behind it is gone)
-        stuck = asyncio.create_task(path.predict([good_png(0)], timeout=60.0))
-        while model.infer_calls < 1:
-            await asyncio.sleep(0.01)
-        model.state = "reset"
-        with pytest.raises(ModelUnavailableError, match="cannot be reached"):
-            await path.predict([good_png(1)], timeout=60.0)  # this one's connection breaks: the process died
-        with pytest.raises(ModelUnavailableError, match="not available"):
-            await asyncio.wait_for(stuck, 2.0)  # a TimeoutError here: left waiting for the restart
-        assert path.queued == 0 and path.queued_bytes == 0
-        model.state = "up"
-        await watch.check()
-        assert len(await path.predict([good_png(2)], timeout=5.0)) == 1
-
-    asyncio.run(main())
-
-
 def test_a_model_shutting_down_refuses_new_calls_but_finishes_those_in_flight() -> None:
     """On SIGTERM the model service stops listening (refused) while it finishes the calls it holds: the path is
     not ready, but those calls are answered, not cut (the drain after SIGTERM depends on it)."""
@@ -164,7 +138,7 @@ def test_a_model_shutting_down_refuses_new_calls_but_finishes_those_in_flight() 
 
 
 def test_a_slow_health_check_does_not_cut_calls_in_flight() -> None:
-    """Only a process known gone cuts calls; two slow health checks mark the path not ready, nothing more."""
+    """Two slow health checks mark the path not ready, nothing more: the call in flight is still answered."""
     async def main() -> None:
         model = FakeModelService()
         path, watch = watched(model)

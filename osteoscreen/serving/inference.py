@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from osteoscreen.serving import metrics
-from osteoscreen.errors import ImageDecodeError, ModelProcessLostError, ModelUnavailableError, OverloadedError
+from osteoscreen.errors import ImageDecodeError, ModelUnavailableError, OverloadedError
 from osteoscreen.imaging.decode import load_image
 from osteoscreen.resources import cpu_budget
 from osteoscreen.types import LABELS, InferFn, Prediction
@@ -59,8 +59,6 @@ class InferencePath:
         # whether the model service answers now: set by the readiness watch, cleared by a failed call too
         self._model_up = False
         self.down_reason = "the model is still loading"
-        self._calls: set[asyncio.Future] = set()  # model calls in flight
-        self._cut: set[asyncio.Future] = set()  # those cut because the model process is gone
         self.max_queue = max_queue or int(os.environ.get("OSTEOSCREEN_MAX_QUEUE", "64"))
         self.max_inflight_bytes = max_inflight_bytes or int(
             os.environ.get("OSTEOSCREEN_MAX_INFLIGHT_BYTES", str(256 * MiB)))
@@ -78,24 +76,16 @@ class InferencePath:
         self._model_up = True
         metrics.MODEL_INFO.labels(name=info.name, version=info.version, backbone=info.backbone).set(1)
 
-    def model_down(self, reason: str, gone: bool = False) -> None:
+    def model_down(self, reason: str) -> None:
         """The model service died, hangs or cannot be reached: not ready (probes take the replica out of
-        the Service) and new requests are refused at once as retryable, until `set_model` again.
-
-        `gone`: its process is known dead (a connection reset under a call; not a refused connection, which a
-        model service shutting down gracefully gives while it finishes its calls, nor a slow answer). Calls still in
-        flight to it are then cut: BentoML's arbiter keeps the listening socket open across the restart, so
-        a call sent just before the crash would otherwise wait in its backlog for the new process (tens of
-        seconds of model loading, past many deadlines) instead of being retried on another replica."""
+        the Service) and new requests are refused at once as retryable, until `set_model` again. Calls
+        already sent are left to finish: a model service shutting down after SIGTERM refuses new
+        connections but still answers the calls it holds, and the drain depends on those answers."""
         reason = reason.removesuffix("; retry shortly")
         if self._model_up:
             log.warning("model service unavailable, not ready: %s", reason)
         self._model_up = False
         self.down_reason = reason
-        if gone:
-            for call in self._calls - self._cut:
-                self._cut.add(call)
-                call.cancel()
 
     def is_ready(self) -> bool:
         return self._info is not None and self._model_up
@@ -134,21 +124,11 @@ class InferencePath:
                     raise ModelUnavailableError(f"the model service is not available ({self.down_reason}); "
                                                 "retry shortly")
                 sent = time.perf_counter()
-                call = asyncio.ensure_future(self._infer(batch))
-                self._calls.add(call)
                 try:
-                    out = np.asarray(await call)
-                except ModelUnavailableError as exc:  # a real call saw it first: do not wait for the next check
-                    self.model_down(str(exc), gone=isinstance(exc, ModelProcessLostError))
+                    out = np.asarray(await self._infer(batch))
+                except ModelUnavailableError as exc:
+                    self.model_down(str(exc))  # a real call saw it first: do not wait for the next check
                     raise
-                except asyncio.CancelledError:
-                    if call not in self._cut:
-                        raise  # the caller's deadline or cancellation
-                    raise ModelUnavailableError(f"the model service is not available ({self.down_reason}); "
-                                                "retry shortly") from None
-                finally:
-                    self._calls.discard(call)
-                    self._cut.discard(call)
         finally:
             self.queued -= len(images)
             self.queued_bytes -= size

@@ -2,10 +2,7 @@
 
 A model process that crashed, is restarting or cannot be reached is a condition the caller can retry, here
 or on another replica (HTTP 503 / gRPC UNAVAILABLE), not an internal error; an error the model service
-itself answered with stays what it is. Two kinds are told apart: a connection that broke under a call
-(ModelProcessLostError: the process died, so every call it held is lost) and a connection refused or an
-unavailable answer (ModelUnavailableError: it may be restarting, or shutting down while it finishes the calls
-it already holds).
+itself answered with stays what it is. Readiness (`osteoscreen.serving.readiness`) uses the same split.
 """
 
 from __future__ import annotations
@@ -18,7 +15,7 @@ import aiohttp
 import numpy as np
 from bentoml.exceptions import ServiceUnavailable
 
-from osteoscreen.errors import ModelProcessLostError, ModelUnavailableError
+from osteoscreen.errors import ModelUnavailableError
 from osteoscreen.types import InferFn
 
 
@@ -26,11 +23,8 @@ from osteoscreen.types import InferFn
 def _transport_errors_are_unavailable() -> Iterator[None]:
     try:
         yield
-    except (aiohttp.ClientConnectorError, ServiceUnavailable) as exc:  # refused: nothing listens now
+    except (aiohttp.ClientConnectionError, ServiceUnavailable) as exc:
         raise ModelUnavailableError(
-            f"the model service cannot be reached ({type(exc).__name__}); retry shortly") from exc
-    except aiohttp.ClientConnectionError as exc:  # reset or disconnected under the call: the process died
-        raise ModelProcessLostError(
             f"the model service cannot be reached ({type(exc).__name__}); retry shortly") from exc
 
 

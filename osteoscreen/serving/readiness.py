@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from osteoscreen.errors import ModelProcessLostError, ModelUnavailableError
+from osteoscreen.errors import ModelUnavailableError
 from osteoscreen.serving.inference import InferencePath, ModelInfo
 
 log = logging.getLogger("osteoscreen.readiness")
@@ -60,7 +60,7 @@ class ModelWatch:
             return False
         except ModelUnavailableError as exc:
             self.slow = 0
-            self.path.model_down(str(exc), gone=isinstance(exc, ModelProcessLostError))
+            self.path.model_down(str(exc))
             return False
         except Exception as exc:  # noqa: BLE001 - still loading (503), or an error answer: not serving
             self.slow = 0
