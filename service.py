@@ -31,14 +31,17 @@ from osteoscreen.security.tls import TLSSettings
 from osteoscreen.serving import http, https, metrics
 from osteoscreen.serving.batching import GreedyBatcher
 from osteoscreen.serving.explanations import ExplainPath
-from osteoscreen.serving.inference import InferencePath, ModelInfo
-from osteoscreen.serving.model_client import remote_infer
+from osteoscreen.serving.inference import InferencePath
+from osteoscreen.serving.model_client import remote_infer, remote_info
+from osteoscreen.serving.readiness import ModelWatch
 
 log = logging.getLogger("osteoscreen.service")
 logging.getLogger("osteoscreen").setLevel(logging.INFO)  # start-up facts (precision chosen, phases) reach the log
 
 MODEL_TAG = os.environ.get("OSTEOSCREEN_MODEL_TAG", "osteoscreen:latest")
 MAX_BATCH = int(os.environ.get("OSTEOSCREEN_MAX_BATCH", "32"))
+HTTP_MAX_CONCURRENT = int(os.environ.get("OSTEOSCREEN_HTTP_MAX_CONCURRENT", "16"))
+FRONT_WORKERS = int(os.environ.get("OSTEOSCREEN_FRONT_WORKERS", "1"))
 _model_resources = {"gpu": 1} if os.environ.get("OSTEOSCREEN_GPU") == "1" else {"cpu": "1"}
 TLS = TLSSettings.from_env()
 if TLS is not None:
@@ -56,11 +59,13 @@ class Model:
         import psutil
 
         from osteoscreen.model import bundle
+        from osteoscreen.model.threads import limit_threads
 
         started = time.time()
         import keras  # noqa: F401 - TensorFlow's import, timed on its own: the largest share of start-up
 
         imported = time.time()
+        limit_threads()  # before TensorFlow runs an op: pools sized to the pod's CPU limit, not the node's cores
         self.bundle = bundle.load(str(self.bento_model.tag))  # precision: $OSTEOSCREEN_PRECISION through the gate
         log.info("model %s: extractor %s", self.bundle.tag, self.bundle.precision_reason)
         loaded = time.time()
@@ -125,8 +130,10 @@ http_app = http.create_app()
 @bentoml.asgi_app(http_app, path="/")
 @bentoml.service(
     name="osteoscreen",
-    workers=int(os.environ.get("OSTEOSCREEN_FRONT_WORKERS", "1")),
-    traffic={"timeout": 120},
+    workers=FRONT_WORKERS,
+    # HTTP requests in flight per worker (BentoML answers 503 beyond; /readyz, /metrics bypass it): each holds a
+    # body of up to OSTEOSCREEN_MAX_BYTES, so this bounds HTTP's share of memory as the gRPC limits bound gRPC's
+    traffic={"timeout": 120, "max_concurrency": HTTP_MAX_CONCURRENT * FRONT_WORKERS},
     http={"port": 3000},
     **({"ssl": https.ssl_config(TLS)} if TLS is not None else {}),
 )
@@ -140,6 +147,7 @@ class Screening:
         http_app.state.predictor = self.path
         http_app.state.explainer = self.explainer
         self.grpc = None
+        self._watch: asyncio.Task | None = None
 
     @bentoml.on_startup
     async def start_grpc(self) -> None:
@@ -147,20 +155,15 @@ class Screening:
 
         self.grpc = GrpcServer(self.path, explainer=self.explainer)
         await self.grpc.start()
-        asyncio.get_running_loop().create_task(self._await_model())
-
-    async def _await_model(self) -> None:
-        """Ready only once the model service answers: probes must not route traffic to a cold replica."""
-        while not self.path.is_ready():
-            try:
-                self.path.set_model(ModelInfo(**await self.model.to_async.info()))
-                log.info("model %s:%s ready", self.path.model_name, self.path.model_version)
-            except Exception as exc:  # noqa: BLE001 - the model service is still loading
-                log.debug("model not ready yet: %s", exc)
-                await asyncio.sleep(1.0)
+        # Ready only while the model service answers: not before it has loaded (probes must not route
+        # traffic to a cold replica), and not while it is dead, restarting or hung.
+        self._watch = asyncio.get_running_loop().create_task(
+            ModelWatch(self.path, remote_info(lambda: self.model.to_async.info())).run())
 
     @bentoml.on_shutdown
     async def stop_grpc(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
         if self.grpc is not None:
             await self.grpc.stop()
 

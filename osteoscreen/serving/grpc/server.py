@@ -61,7 +61,9 @@ REJECTION_REASONS = {
 }
 _CODES_BY_VALUE = {code.value[0]: code for code in grpc.StatusCode}
 READINESS_POLL_S = 1.0
-CONTROL_HEADROOM = 64  # RPCs beyond the prediction limit, so health checks still get through under load
+# RPCs beyond the prediction limit, so health checks still get through under load; few, because any RPC may
+# carry a message of up to max_message_bytes and gRPC reads it whole before a handler sees it (docs/deploy.md)
+CONTROL_HEADROOM = 8
 
 
 def _env_number(name: str, default: float, cast: Callable[[str], Any] = int) -> Any:
@@ -81,7 +83,9 @@ class GrpcSettings:
     port: int = 50051
     host: str = "[::]"
     max_message_bytes: int = 64 * MiB
-    max_concurrent: int = 256  # prediction RPCs in flight per worker before RESOURCE_EXHAUSTED
+    # prediction RPCs in flight per worker before RESOURCE_EXHAUSTED; with the message limit it bounds the bytes
+    # gRPC holds: (max_concurrent + CONTROL_HEADROOM) x max_message_bytes (the worst case in docs/deploy.md)
+    max_concurrent: int = 80
     shutdown_grace_s: float = 20.0
     max_connection_age_s: float = 300.0  # clients reconnect now and then, so new replicas get traffic
     tls: TLSSettings | None = None  # None: plaintext
