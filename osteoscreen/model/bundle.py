@@ -23,6 +23,10 @@ MODEL_NAME = "osteoscreen"
 _EXTRACTOR_FILE = "extractor.keras"
 _CLASSIFIER_FILE = "classifier.joblib"
 _CARD_FILE = "model_card.json"
+# A screening answer is never "probability 0" or "probability 1": no model trained on a few hundred
+# patients has evidence for certainty, and a clinician reading 0.0 reads "ruled out". Also keeps the
+# float32 answer away from rounding to exactly 0 or 1.
+PROBABILITY_BOUNDS = (0.001, 0.999)
 
 
 @dataclass
@@ -43,7 +47,7 @@ class ModelBundle:
 
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
         """Calibrated probability of osteoporosis for each image of the batch."""
-        return self.classifier.predict_proba(self.features_of(batch))[:, 1].astype(np.float32)
+        return screening_probability(self.classifier, self.features_of(batch)).astype(np.float32)
 
     def predictions(self, batch: np.ndarray) -> list[Prediction]:
         return [self.prediction(float(p)) for p in self.probabilities(batch)]
@@ -55,6 +59,12 @@ class ModelBundle:
     @property
     def tag(self) -> str:
         return f"{self.name}:{self.version}"
+
+
+def screening_probability(classifier: Any, features: np.ndarray) -> np.ndarray:
+    """The classifier's calibrated probability of osteoporosis, within PROBABILITY_BOUNDS; training evaluates
+    through this same function, so the reported metrics are those of what serving answers."""
+    return np.clip(classifier.predict_proba(features)[:, 1], *PROBABILITY_BOUNDS)
 
 
 def register(bundle: ModelBundle) -> str:
