@@ -61,6 +61,11 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    if args.decode:
+        from osteoscreen.imaging.bench import run_decode
+
+        print(run_decode(args.decode))
+        return 0
     from osteoscreen.model import bench
 
     print(bench.run_raw(backbone=args.backbone, model_tag=args.model, batch_sizes=args.batch_sizes))
@@ -117,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", choices=BACKBONE_NAMES, default=DEFAULT_BACKBONE)
     p.add_argument("--model", default=None, help="bench a registered model (extractor + RF) instead")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--decode", type=Path, nargs="+", metavar="FILE",
+                   help="instead: time decoding these files to model input (ms per file), as JSON")
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("model-exists", help="exit 0 when a model is registered in the BentoML store")
