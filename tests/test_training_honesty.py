@@ -222,7 +222,9 @@ def test_compare_chooses_on_validation_and_scores_only_the_chosen_row_on_test(tm
     from osteoscreen.errors import WeightsError
 
     outcomes = {("vgg16", False): _outcome(0.0, 1), ("resnet50", False): _outcome(2.0, 2),
-                ("vgg16", True): _outcome(4.0, 3)}  # the ablation scores best: it must still not be chosen
+                ("vgg16", True): _outcome(4.0, 3)}
+    for key, auc in ((("vgg16", False), 0.70), (("resnet50", False), 0.80), (("vgg16", True), 0.95)):
+        outcomes[key].metrics["val_auc"] = auc  # the ablation scores best: it must still not be chosen
     scored = []
 
     def fake_evaluate(data, split, backbone, random_weights=False, seed=0):
