@@ -47,7 +47,7 @@ class ModelBundle:
 
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
         """Calibrated probability of osteoporosis for each image of the batch."""
-        return screening_probability(self.classifier, self.features_of(batch)).astype(np.float32)
+        return screening_probability(self.classifier, self.features_of(batch))
 
     def predictions(self, batch: np.ndarray) -> list[Prediction]:
         return [self.prediction(float(p)) for p in self.probabilities(batch)]
@@ -62,9 +62,11 @@ class ModelBundle:
 
 
 def screening_probability(classifier: Any, features: np.ndarray) -> np.ndarray:
-    """The classifier's calibrated probability of osteoporosis, within PROBABILITY_BOUNDS; training evaluates
-    through this same function, so the reported metrics are those of what serving answers."""
-    return np.clip(classifier.predict_proba(features)[:, 1], *PROBABILITY_BOUNDS)
+    """The classifier's calibrated probability of osteoporosis, within PROBABILITY_BOUNDS, in the float32
+    that serving answers. Training chooses the threshold and evaluates through this same function: a
+    threshold set at a validation case's float64 probability can sit above that case's float32 answer,
+    and the case the threshold was chosen to catch would be served as normal."""
+    return np.clip(classifier.predict_proba(features)[:, 1], *PROBABILITY_BOUNDS).astype(np.float32)
 
 
 def register(bundle: ModelBundle) -> str:
