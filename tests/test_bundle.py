@@ -56,6 +56,6 @@ def test_register_and_load_round_trip(tmp_path):
 
 
 def test_missing_model_is_a_clear_error(tmp_path):
-    code = "from osteoscreen import bundle\ntry:\n    bundle.load()\nexcept Exception as e:\n    print(type(e).__name__, e)"
+    code = "from osteoscreen.model import bundle\ntry:\n    bundle.load()\nexcept Exception as e:\n    print(type(e).__name__, e)"
     result = _in_fresh_process(code, tmp_path / "empty")
     assert result.stdout.startswith("ModelNotFoundError") and "osteoscreen train" in result.stdout, result.stderr[-2000:]
