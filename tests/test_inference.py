@@ -4,6 +4,7 @@ whose speed and answers the tests control."""
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -85,14 +86,34 @@ def test_requests_that_wait_for_a_busy_model_go_as_one_batch_and_each_gets_its_o
     asyncio.run(main())
 
 
-def test_after_a_large_batch_the_next_waits_briefly_for_as_many_and_then_settles_back() -> None:
+def run_in_virtual_time(main, monkeypatch) -> None:
+    """Run `main()` with the event loop on a virtual clock that moves only while every task waits
+    (aiotools.VirtualClock), and let the batcher time the model on that clock too: arrival gaps and model
+    times are then exact, whatever else the machine is doing (on a busy CI core a 20 ms gap between
+    arrivals could stretch past the model's 50 ms per image)."""
+    import aiotools
+
+    from osteoscreen.serving import batching
+
+    clock = aiotools.VirtualClock()
+    monkeypatch.setattr(batching, "time", SimpleNamespace(perf_counter=clock.virtual_time))
+
+    async def virtual() -> None:
+        with clock.patch_loop():
+            await main()
+
+    asyncio.run(virtual())
+
+
+def test_after_a_large_batch_the_next_waits_briefly_for_as_many_and_then_settles_back(monkeypatch) -> None:
     async def main() -> None:
-        model, batcher, blocker = await busy_batcher(8, FakeModel(sleep_per_image=0.05))  # ~0.05 s per image
+        model, batcher, blocker = await busy_batcher(8, FakeModel(sleep_per_image=0.05))  # 0.05 s per image
         first = [asyncio.create_task(batcher(images(i))) for i in range(4)]
         await settle()
         model.release.set()
         await asyncio.gather(blocker, *first)
         assert model.batches == [1, 4]
+        assert batcher.seconds_per_image == pytest.approx(0.05)
 
         async def arrive(delay: float, value: float) -> np.ndarray:
             await asyncio.sleep(delay)
@@ -110,11 +131,13 @@ def test_after_a_large_batch_the_next_waits_briefly_for_as_many_and_then_settles
         loop = asyncio.get_running_loop()
         started = loop.time()
         await batcher(images(9))
-        assert loop.time() - started < 2.0
+        assert loop.time() - started <= 2 * 0.05 + 1e-6  # at most one image's wait, plus its own model time
+        started = loop.time()
         await batcher(images(9))
+        assert loop.time() - started == pytest.approx(0.05)  # no wait at all
         assert model.batches[7:] == [1, 1]
 
-    asyncio.run(main())
+    run_in_virtual_time(main, monkeypatch)
 
 
 def test_batches_stay_within_max_batch_except_a_single_larger_request() -> None:

@@ -99,8 +99,38 @@ def test_train_registers_a_model_and_writes_reports(trained):
     assert metrics["backbone"] == "vgg16" and metrics["weights"] == "imagenet"
     assert all(lo <= metrics[m] <= hi for m, (lo, hi) in metrics["ci95"].items())
     assert any("zz_corrupt.png" in s for s in metrics["skipped"])
+    # a model that learned something, calibrated without steps, and a threshold whose uncertainty is reported
+    assert metrics["auc"] > 0.5 and metrics["cv_auc"] > 0.5
+    assert metrics["calibration"].startswith("sigmoid") and metrics["calibration_patients"] <= metrics["n_train"]
+    assert metrics["test_probabilities_at_0_or_1"] == 0
+    assert metrics["test_distinct_probabilities"] >= metrics["n_test"] - 2
+    assert metrics["threshold_ci95"][0] <= metrics["threshold"] <= metrics["threshold_ci95"][1]
+    assert metrics["threshold_positives"] > 0 and "osteoporosis images" in (root / "reports" / "report.md").read_text()
     for name in ("report.md", "roc.png", "confusion.png", "calibration.png"):
         assert (root / "reports" / name).stat().st_size > 500
+
+
+def test_the_threshold_meets_its_sensitivity_target_on_validation_and_test_auc_is_what_serving_gives(trained):
+    """Recomputed from the served model's own answers on the split's images, not read back from metrics.json."""
+    from training import train
+
+    root, env, _ = trained
+    metrics = json.loads((root / "reports" / "metrics.json").read_text())
+    data = train.load(root / "data")
+    split = train.make_split(data, seed=metrics["seed"])
+    files = [str(data.samples[i].path) for i in split.val + split.test]
+    result = subprocess.run([str(BIN / "osteoscreen"), "predict", *files], env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    answers = {line["path"]: line for line in map(json.loads, result.stdout.splitlines())}
+    y = {str(s.path): s.label for s in data.samples}
+    val_pos = [answers[f]["label"] for f in files[:len(split.val)] if y[f] == 1]
+    assert len(val_pos) == metrics["threshold_positives"]
+    assert val_pos.count("osteoporosis") / len(val_pos) >= metrics["min_sensitivity"]  # as served, labels included
+    test = files[len(split.val):]
+    auc = roc_auc_score([y[f] for f in test], [answers[f]["probability"] for f in test])
+    assert auc > 0.5 and auc == pytest.approx(metrics["auc"], abs=0.05)
+    assert all(0.0 < a["probability"] < 1.0 for a in answers.values())
 
 
 def test_second_run_reuses_cached_features(trained):
@@ -136,7 +166,8 @@ def test_predict_uses_the_registered_model_and_reports_bad_files(trained):
 
 def test_training_refuses_without_pretrained_weights(tmp_path, trained):
     root, env, _ = trained
-    env = {**env, "KERAS_HOME": str(tmp_path / "empty-keras"), "PIP_INDEX_URL": "http://127.0.0.1:9/simple",
+    env = {**env, "KERAS_HOME": str(tmp_path / "empty-keras"), "OSTEOSCREEN_KERAS_DOWNLOAD": "0",
+           "PIP_INDEX_URL": "http://127.0.0.1:9/simple",
            "PIP_EXTRA_INDEX_URL": "", "PIP_FIND_LINKS": "", "PIP_NO_INDEX": "1", "PIP_CONFIG_FILE": os.devnull}
     result = subprocess.run(
         [str(BIN / "osteoscreen"), "train", "--data", str(root / "data"), "--reports", str(tmp_path / "r"),

@@ -100,3 +100,21 @@ def test_missing_weights_give_instructions(tmp_path, monkeypatch):
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "empty"))
     with pytest.raises(WeightsError, match="osteoscreen weights --backbone resnet50"):
         weights.load_info("resnet50")
+
+
+def test_the_keras_download_switch_leaves_only_offline_sources(tmp_path, monkeypatch):
+    """On a connected machine Keras would fetch the weights; with the switch off it must never be asked, so
+    tests and air-gapped sites take the same, verified route online and offline."""
+    import keras.utils
+
+    calls = []
+    monkeypatch.setattr(keras.utils, "get_file", lambda *a, **k: calls.append(a) or str(tmp_path / "nope.h5"))
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("OSTEOSCREEN_KERAS_DOWNLOAD", "0")
+    with pytest.raises(WeightsError, match="could not be downloaded"):
+        weights.provision("resnet50")  # no offline source ships these: refused, not fetched
+    assert calls == []
+    monkeypatch.setenv("OSTEOSCREEN_KERAS_DOWNLOAD", "1")
+    with pytest.raises(WeightsError, match="does not exist"):
+        weights.provision("resnet50")  # the stand-in "download" was asked and gave a path with no file
+    assert len(calls) == 1

@@ -2,7 +2,9 @@
 
 Layout: `DIR/normal/*`, `DIR/osteoporosis/*`, optional `DIR/manifest.csv` (`path,label,patient_id`).
 With a manifest, all images of one patient land on the same side of every split, so the test score
-is not inflated by near-duplicate views of a patient the model has already seen.
+is not inflated by near-duplicate views of a patient the model has already seen. Without patient ids
+every image counts as its own patient, which is said loudly, and identical images are kept once, so that
+no image is scored on a side of the split where the model has already seen it.
 """
 
 from __future__ import annotations
@@ -42,13 +44,20 @@ class Split:
     test: list[int]
 
 
-def load_folder(root: Path) -> list[Sample]:
+def warn(message: str, notes: list[str] | None = None) -> None:
+    """A data problem the user must see: on stderr in capitals, and kept in `notes` for the report."""
+    print(f"WARNING: {message}", file=sys.stderr)
+    if notes is not None:
+        notes.append(message)
+
+
+def load_folder(root: Path, notes: list[str] | None = None) -> list[Sample]:
     """Samples of a data folder, from its manifest when there is one, else from the class subfolders."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root} is not a folder")
     manifest = root / "manifest.csv"
-    samples = _from_manifest(root, manifest) if manifest.exists() else _from_subfolders(root)
+    samples = _from_manifest(root, manifest, notes) if manifest.exists() else _from_subfolders(root, notes)
     counts = Counter(s.label for s in samples)
     for index, name in enumerate(LABELS):
         if counts[index] < MIN_PER_CLASS:
@@ -56,13 +65,18 @@ def load_folder(root: Path) -> list[Sample]:
     return samples
 
 
-def _from_manifest(root: Path, manifest: Path) -> list[Sample]:
-    samples, missing = [], []
+_ONE_PATIENT_PER_IMAGE = ("every such image counts as its own patient, so several images of one patient can land "
+                          "on both sides of a split and inflate the test score")
+
+
+def _from_manifest(root: Path, manifest: Path, notes: list[str] | None = None) -> list[Sample]:
+    samples, missing, unnamed = [], [], []
     with open(manifest, newline="") as fh:
         reader = csv.DictReader(fh)
         absent = {"path", "label"} - set(reader.fieldnames or [])
         if absent:
             raise DataError(f"{manifest} lacks column(s) {sorted(absent)}; expected path,label,patient_id")
+        has_patients = "patient_id" in (reader.fieldnames or [])
         for line, row in enumerate(reader, start=2):
             if row["label"] not in LABELS:
                 raise DataError(f"{manifest}:{line}: label {row['label']!r} is not one of {LABELS}")
@@ -70,10 +84,18 @@ def _from_manifest(root: Path, manifest: Path) -> list[Sample]:
             if not path.is_file():
                 missing.append(row["path"])
                 continue
-            samples.append(Sample(path, LABELS.index(row["label"]), row.get("patient_id") or row["path"],
+            patient = (row.get("patient_id") or "").strip()
+            if not patient:
+                unnamed.append(row["path"])
+            samples.append(Sample(path, LABELS.index(row["label"]), patient or f"image:{row['path']}",
                                   _age(row.get("age"), manifest, line)))
     if missing:
         raise DataError(f"{manifest} lists {len(missing)} missing file(s), e.g. {missing[:3]}")
+    if not has_patients:
+        warn(f"{manifest} has no patient_id column: {_ONE_PATIENT_PER_IMAGE}", notes)
+    elif unnamed:
+        warn(f"{manifest}: {len(unnamed)} of {len(samples)} rows have an empty patient_id (e.g. {unnamed[:3]}): "
+             f"{_ONE_PATIENT_PER_IMAGE}", notes)
     return samples
 
 
@@ -92,15 +114,15 @@ def age_range(samples: list[Sample], indices: list[int]) -> tuple[float, float] 
     return (min(ages), max(ages)) if ages and all(a is not None for a in ages) else None
 
 
-def _from_subfolders(root: Path) -> list[Sample]:
-    print(f"{root}: no manifest.csv, so every image counts as its own patient", file=sys.stderr)
+def _from_subfolders(root: Path, notes: list[str] | None = None) -> list[Sample]:
+    warn(f"{root} has no manifest.csv with patient ids: {_ONE_PATIENT_PER_IMAGE}", notes)
     samples = []
     for index, name in enumerate(LABELS):
         folder = root / name
         if not folder.is_dir():
             raise DataError(f"{root} has no '{name}' subfolder (expected {', '.join(LABELS)})")
         for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
-            samples.append(Sample(path, index, str(path.relative_to(root))))
+            samples.append(Sample(path, index, f"image:{path.relative_to(root)}"))
     return samples
 
 
@@ -120,6 +142,45 @@ def _first_fold(idx: np.ndarray, y: np.ndarray, groups: np.ndarray, n_splits: in
     folds = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     keep, held = next(folds.split(idx, y, groups))
     return idx[keep], idx[held]
+
+
+def content_key(image: np.ndarray) -> str:
+    """Identity of an image as the model sees it: equal for copies that differ only in file format or metadata."""
+    return hashlib.sha256(np.ascontiguousarray(image).tobytes()).hexdigest()
+
+
+def deduplicate(samples: list[Sample], images: list[np.ndarray], notes: list[str] | None = None) -> list[int]:
+    """Indices to keep: the first of each set of images identical as model input (same pixels after decoding,
+    whatever the file format or metadata), so that no image can be trained on and tested on at once.
+
+    Copies under one label are kept once, and said so; copies under both labels are refused: one of the two
+    labels is wrong and no split can be trusted until someone looks.
+    """
+    first: dict[str, int] = {}
+    keep, dropped = [], []
+    for i, image in enumerate(images):
+        key = content_key(image)
+        if key not in first:
+            first[key] = i
+            keep.append(i)
+            continue
+        original = samples[first[key]]
+        if original.label != samples[i].label:
+            raise DataError(f"{samples[i].path} and {original.path} are the same image but labelled "
+                            f"'{LABELS[samples[i].label]}' and '{LABELS[original.label]}'; fix the labels first")
+        dropped.append(f"{samples[i].path} (same image as {original.path})")
+    if dropped:
+        warn(f"{len(dropped)} duplicate image(s) left out, each kept once: {dropped[:3]}", notes)
+    return keep
+
+
+def check_disjoint(split: Split, keys: list[str]) -> None:
+    """Refuse a split with one image content on two sides (an evaluation that has seen its test images)."""
+    sides = {part: {keys[i] for i in getattr(split, part)} for part in ("train", "val", "test")}
+    for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+        shared = sides[a] & sides[b]
+        if shared:
+            raise DataError(f"{len(shared)} identical image(s) on both the {a} and the {b} side of the split")
 
 
 def class_balance(samples: list[Sample], indices: list[int]) -> dict[str, int]:

@@ -66,11 +66,18 @@ def markdown(m: dict) -> str:
     balance = ", ".join(f"{part}: " + "/".join(str(v) for v in counts.values())
                         for part, counts in m["class_balance"].items())
     skipped = "\n".join(f"- {s}" for s in m["skipped"]) or "none"
+    warned = "\n".join(f"- **{w}**" for w in m.get("data_warnings", [])) or "none"
+    resampled = m["ci95_threshold_resampled"]
+    wide = "\n".join(f"| {name} | {m[name]:.3f} | {lo:.3f} - {hi:.3f} |" for name, (lo, hi) in resampled.items())
+    t_lo, t_hi = m["threshold_ci95"]
     return f"""# OsteoScreen training report
 
 Backbone **{m['backbone']}** ({m['weights']} weights), features `{'+'.join(m['features'])}`, calibrated Random Forest
-({m['calibration']}), operating threshold **{m['threshold']:.3f}** chosen on the validation split for
-sensitivity >= {m['min_sensitivity']:.2f}.
+({m['calibration']}, {m['calibration_patients']} patients), operating threshold **{m['threshold']:.3f}** chosen on the
+validation split for sensitivity >= {m['min_sensitivity']:.2f} by **{m['threshold_positives']} osteoporosis images**
+({m['threshold_positive_patients']} patients): validation sensitivity {m['val_sensitivity']:.3f}, specificity
+{m['val_specificity']:.3f}, AUC {m['val_auc']:.3f}. Re-chosen on resampled validation patients, the threshold
+ranges over {t_lo:.3f} - {t_hi:.3f} (95%).
 
 Split (patient-grouped, stratified): train {m['n_train']} images (+{m['n_augmented']} augmented copies),
 validation {m['n_val']}, test {m['n_test']}. Class balance (normal/osteoporosis): {balance}.
@@ -81,14 +88,28 @@ validation {m['n_val']}, test {m['n_test']}. Class balance (normal/osteoporosis)
 | --- | --- | --- |
 {rows}
 
+With the threshold's own uncertainty (validation patients resampled and the threshold re-chosen in each
+bootstrap round, test patients resampled too):
+
+| metric | value | 95% CI |
+| --- | --- | --- |
+{wide}
+
+The test split got {m['test_distinct_probabilities']} distinct probabilities for {m['n_test']} images,
+{m['test_probabilities_at_0_or_1']} of them exactly 0 or 1.
+
 ![ROC](roc.png) ![Confusion matrix](confusion.png) ![Calibration](calibration.png)
 
-## Choices made on training data (grouped {m['cv_folds']}-fold CV AUC)
+## Choices made on training data (grouped {m['cv_folds']}-fold CV AUC, held-out folds scored on original images only)
 
 Feature sets: {', '.join(f'`{k}` {v:.3f}' for k, v in m['feature_scores'].items())}.
 Random Forest: {m['rf_params']} (CV AUC {m['cv_auc']:.3f}).
 
 Data set fingerprint `{m['data_fingerprint'][:16]}`; weights sha256 `{m['weights_sha256'][:16]}`.
+
+Data warnings:
+
+{warned}
 
 Files that could not be read: {skipped}
 """

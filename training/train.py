@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +13,7 @@ from osteoscreen import phantom
 from osteoscreen.intended_use import rules as intended_use
 from osteoscreen.intended_use.content import ContentCheck
 from osteoscreen.model import precision as precision_mod
+from osteoscreen.model.bundle import screening_probability
 from osteoscreen.model.specs import get_spec
 
 from training import dataset, evaluate, fit, report
@@ -28,6 +29,7 @@ class LoadedData:
     images: list[np.ndarray]
     hashes: list[str]
     skipped: list[str]
+    warnings: list[str] = field(default_factory=list)  # data problems the report repeats (patient ids, duplicates)
 
 
 @dataclass
@@ -35,21 +37,35 @@ class Outcome:
     metrics: dict
     fitted: fit.FittedClassifier
     reference: object  # the 3-channel keras model the extractor was folded from
-    p_test: np.ndarray
+    X_test: np.ndarray
     y_test: np.ndarray
-    p_val: np.ndarray
     weights_id: str
     precision: str  # the extractor's compute precision the classifier was fitted on
+    p_test: np.ndarray | None = None  # set by `score_test`, the split's one use
+    p_val: np.ndarray | None = None
+    y_val: np.ndarray | None = None
+    groups_val: np.ndarray | None = None
+    groups_test: np.ndarray | None = None
     content_check: ContentCheck | None = None
 
 
 def load(data_dir: Path, force: bool = False) -> LoadedData:
-    samples = dataset.load_folder(data_dir)
+    notes: list[str] = []
+    samples = dataset.load_folder(data_dir, notes)
     images, hashes, problems = dataset.read_images(samples, force=force)
     for problem in problems:
         print(f"skipped unreadable file {problem}", file=sys.stderr)
-    keep = [i for i, image in enumerate(images) if image is not None]
-    return LoadedData([samples[i] for i in keep], [images[i] for i in keep], [hashes[i] for i in keep], problems)
+    readable = [i for i, image in enumerate(images) if image is not None]
+    kept = dataset.deduplicate([samples[i] for i in readable], [images[i] for i in readable], notes)
+    keep = [readable[k] for k in kept]
+    return LoadedData([samples[i] for i in keep], [images[i] for i in keep], [hashes[i] for i in keep], problems, notes)
+
+
+def make_split(data: LoadedData, seed: int = 0) -> dataset.Split:
+    """The patient-grouped split, refused if one image would sit on two sides of it."""
+    split = dataset.split(data.samples, seed=seed)
+    dataset.check_disjoint(split, [dataset.content_key(image) for image in data.images])
+    return split
 
 
 def evaluate_backbone(data: LoadedData, split: dataset.Split, backbone: str, random_weights: bool = False,
@@ -93,14 +109,16 @@ def evaluate_backbone(data: LoadedData, split: dataset.Split, backbone: str, ran
     test_feats = extract(extractor, [data.hashes[i] for i in split.test], lambda k: data.images[split.test[k]], cache,
                          desc=f"{backbone} test features")
 
-    fitted = fit.fit(train_feats, y[rows], groups[rows], seed=seed, search_iterations=search_iterations)
-    p_val = fitted.model.predict_proba(fit.stack(val_feats, fitted.features))[:, 1]
-    threshold = fit.choose_threshold(y[split.val], p_val)
+    original = np.arange(len(rows)) < len(split.train)
+    fitted = fit.fit(train_feats, y[rows], groups[rows], seed=seed, search_iterations=search_iterations, original=original)
+    p_val = screening_probability(fitted.model, fit.stack(val_feats, fitted.features))
+    y_val = y[split.val]
+    threshold = fit.choose_threshold(y_val, p_val)
+    val_at = evaluate.metrics_at(y_val, p_val, threshold)
+    val_positives = [i for i in split.val if y[i] == 1]
     # the content check learns what the training images look like to this model (augmented copies included:
     # they are the variation the model was taught to accept) and sets its cut-off on validation images
     content = ContentCheck.fit(fit.stack(train_feats, fitted.features), fit.stack(val_feats, fitted.features))
-    p_test = fitted.model.predict_proba(fit.stack(test_feats, fitted.features))[:, 1]
-    y_test = y[split.test]
     metrics = {
         "backbone": backbone,
         "weights": "random" if random_weights else "imagenet",
@@ -111,22 +129,29 @@ def evaluate_backbone(data: LoadedData, split: dataset.Split, backbone: str, ran
         "n_augmented": len(rows) - len(split.train),
         "n_val": len(split.val),
         "n_test": len(split.test),
-        **evaluate.metrics_at(y_test, p_test, threshold),
         "threshold": threshold,
         "min_sensitivity": fit.DEFAULT_MIN_SENSITIVITY,
-        "ci95": evaluate.bootstrap_ci(y_test, p_test, threshold, groups[split.test], seed=seed),
-        "calibration": f"{fitted.model.method} (CalibratedClassifierCV, grouped folds)",
+        # the threshold is only as good as the positives it was chosen on: say how many
+        "threshold_positives": len(val_positives),
+        "threshold_positive_patients": len({data.samples[i].patient_id for i in val_positives}),
+        "val_auc": val_at["auc"],
+        "val_sensitivity": val_at["sensitivity"],
+        "val_specificity": val_at["specificity"],
+        "calibration": f"{fitted.model.method} (CalibratedClassifierCV, grouped folds, original images only)",
+        "calibration_patients": fitted.calibration_patients,
         "cv_folds": len(fit._folds(y[rows], groups[rows], seed)),
         "cv_auc": fitted.cv_auc,
+        "cv_scored_on": "original images of the held-out patients (augmented copies train only)",
         "feature_scores": fitted.feature_scores,
         "rf_params": fitted.params,
         "class_balance": {part: dataset.class_balance(data.samples, getattr(split, part)) for part in ("train", "val", "test")},
         "skipped": data.skipped,
+        "data_warnings": data.warnings,
         "seed": seed,
     }
-    p_test_scores = content.scores(fit.stack(test_feats, fitted.features))
-    metrics["content_test_acceptance"] = float(np.mean(p_test_scores <= content.cutoff))
-    return Outcome(metrics, fitted, reference, p_test, y_test, p_val, weights_id, choice.precision, content)
+    return Outcome(metrics, fitted, reference, fit.stack(test_feats, fitted.features), y[split.test], weights_id,
+                   choice.precision, p_val=p_val, y_val=y_val, groups_val=groups[split.val],
+                   groups_test=groups[split.test], content_check=content)
 
 
 def precision_check(data: LoadedData, split: dataset.Split, outcome: Outcome, backbone: str) -> dict:
@@ -146,7 +171,7 @@ def precision_check(data: LoadedData, split: dataset.Split, outcome: Outcome, ba
         rows = split.val if part == "validation" else split.test
         feats = extract(extractor, [data.hashes[i] for i in rows], lambda k: data.images[rows[k]], cache,
                         desc=f"{backbone} {part} features in {other} (precision check)")
-        p_other = outcome.fitted.model.predict_proba(fit.stack(feats, features))[:, 1]
+        p_other = screening_probability(outcome.fitted.model, fit.stack(feats, features))
         figures[part] = precision_mod.agreement(p_trained, p_other, y[rows], threshold, trained)
     record = {**precision_mod.check(figures["validation"], trained), "test": figures["test"]}
     v = figures["validation"]
@@ -156,6 +181,27 @@ def precision_check(data: LoadedData, split: dataset.Split, outcome: Outcome, ba
     return record
 
 
+def score_test(outcome: Outcome, seed: int = 0) -> dict:
+    """The test split's one use: metrics at the validation-chosen threshold, with patient-bootstrap intervals
+    (threshold held fixed, `ci95`, and re-chosen on resampled validation patients, `ci95_threshold_resampled`)."""
+    m = outcome.metrics
+    p_test = outcome.p_test = screening_probability(outcome.fitted.model, outcome.X_test)
+    y_test, threshold = outcome.y_test, m["threshold"]
+    m.update(evaluate.metrics_at(y_test, p_test, threshold))
+    m["ci95"] = evaluate.bootstrap_ci(y_test, p_test, threshold, outcome.groups_test, seed=seed)
+    resampled = evaluate.threshold_bootstrap(outcome.y_val, outcome.p_val, outcome.groups_val, y_test, p_test,
+                                             outcome.groups_test, choose=fit.choose_threshold, seed=seed)
+    m["threshold_ci95"] = resampled.pop("threshold")
+    m["ci95_threshold_resampled"] = resampled
+    # a step-function calibrator shows here first: few distinct answers, some exactly 0 or 1
+    m["test_distinct_probabilities"] = int(len(np.unique(p_test)))
+    m["test_probabilities_at_0_or_1"] = int(np.sum((p_test <= 0.0) | (p_test >= 1.0)))
+    if outcome.content_check is not None:  # the share of unseen in-distribution images the content check accepts
+        m["content_test_acceptance"] = float(np.mean(outcome.content_check.scores(outcome.X_test)
+                                                     <= outcome.content_check.cutoff))
+    return m
+
+
 def run(data_dir: Path, backbone: str = "vgg16", reports: Path = Path("reports"), random_weights: bool = False,
         seed: int = 0, register: bool = True, augment_rounds: int = AUGMENT_ROUNDS,
         search_iterations: int = fit.SEARCH_ITERATIONS, force: bool = False, precision: str | None = None) -> str:
@@ -163,12 +209,12 @@ def run(data_dir: Path, backbone: str = "vgg16", reports: Path = Path("reports")
 
     started = time.perf_counter()
     data = load(data_dir, force=force)
-    split = dataset.split(data.samples, seed=seed)
+    split = make_split(data, seed=seed)
     for part in ("train", "val", "test"):
         print(f"{part}: {dataset.class_balance(data.samples, getattr(split, part))}", file=sys.stderr)
     outcome = evaluate_backbone(data, split, backbone, random_weights=random_weights, seed=seed,
                                 augment_rounds=augment_rounds, search_iterations=search_iterations, precision=precision)
-    metrics = outcome.metrics
+    metrics = score_test(outcome, seed=seed)
     metrics["data_fingerprint"] = dataset.fingerprint(data.hashes, data.samples)
     metrics["train_seconds"] = round(time.perf_counter() - started, 1)
     report.write(reports, metrics, outcome.y_test, outcome.p_test)

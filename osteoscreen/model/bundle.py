@@ -26,6 +26,10 @@ _CLASSIFIER_FILE = "classifier.joblib"
 _CARD_FILE = "model_card.json"
 _CONTENT_CHECK_FILE = "content_check.joblib"
 log = logging.getLogger("osteoscreen.model")
+# A screening answer is never "probability 0" or "probability 1": no model trained on a few hundred
+# patients has evidence for certainty, and a clinician reading 0.0 reads "ruled out". Also keeps the
+# float32 answer away from rounding to exactly 0 or 1.
+PROBABILITY_BOUNDS = (0.001, 0.999)
 
 
 @dataclass
@@ -55,7 +59,7 @@ class ModelBundle:
 
     def probabilities_from_features(self, features: np.ndarray) -> np.ndarray:
         """The classifier half of `probabilities`, for callers that cache features (site validation)."""
-        return self.classifier.predict_proba(features)[:, 1].astype(np.float32)
+        return screening_probability(self.classifier, features)
 
     def assess(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Probabilities and content (out-of-distribution) scores, from one pass of the extractor."""
@@ -82,6 +86,14 @@ class ModelBundle:
     @property
     def tag(self) -> str:
         return f"{self.name}:{self.version}"
+
+
+def screening_probability(classifier: Any, features: np.ndarray) -> np.ndarray:
+    """The classifier's calibrated probability of osteoporosis, within PROBABILITY_BOUNDS, in the float32
+    that serving answers. Training chooses the threshold and evaluates through this same function: a
+    threshold set at a validation case's float64 probability can sit above that case's float32 answer,
+    and the case the threshold was chosen to catch would be served as normal."""
+    return np.clip(classifier.predict_proba(features)[:, 1], *PROBABILITY_BOUNDS).astype(np.float32)
 
 
 def register(bundle: ModelBundle) -> str:

