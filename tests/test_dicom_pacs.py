@@ -158,7 +158,8 @@ def test_local_predict_writes_valid_dicom_results(registered_model, tmp_path):
     (tmp_path / "spine.png").write_bytes(good_png())
     cli = subprocess.run([str(BIN / "osteoscreen"), "predict", str(tmp_path / "spine.png"), str(tmp_path / "rg1.dcm"),
                           "--dicom-out", str(tmp_path / "out")],
-                         capture_output=True, text=True, timeout=600, env={**os.environ, **registered_model["env"]})
+                         capture_output=True, text=True, timeout=600, env={**os.environ, **registered_model["env"],
+                              "OSTEOSCREEN_INTENDED_USE": "flag"})  # a chest film: decoding and SR, not screening
     assert cli.returncode == 1, cli.stderr  # the PNG failed, the DICOM file did not
     assert "spine.png: error: DICOM results need a DICOM input" in cli.stderr
     (line,) = [json.loads(text) for text in cli.stdout.splitlines() if text.startswith("{")]

@@ -258,15 +258,22 @@ def test_metrics_cover_both_protocols_and_pass_promtool(server):
     assert checked.returncode == 0 and not problems, problems
 
 
-def _wait_inflight(server, futures, at_least: int, timeout: float = 60.0, model: bool = False) -> float:
+def _inflight(server, model: bool) -> float:
+    text = _metrics(server)
+    return _sample(text, "bentoml_service_request_in_progress", endpoint="/infer") if model else \
+        _sample(text, "osteoscreen_inflight_requests")
+
+
+def _wait_inflight(server, futures, at_least: int, timeout: float = 60.0, model: bool = False,
+                   baseline: float = 0.0) -> float:
     """Block until the server counts `at_least` prediction requests in flight (HTTP and gRPC), or with `model`,
     calls the model service holds (BentoML's own gauge for its `/infer`): a kill or a SIGTERM sent then
-    provably lands on requests that have not been answered yet."""
+    provably lands on requests that have not been answered yet. Counted above `baseline`, the gauge read
+    before the requests were sent: a model process killed earlier in the module can leave its in-progress
+    count behind in the multiprocess metrics, which no live call stands for."""
     deadline = time.monotonic() + timeout
     while True:
-        text = _metrics(server)
-        inflight = _sample(text, "bentoml_service_request_in_progress", endpoint="/infer") if model else \
-            _sample(text, "osteoscreen_inflight_requests")
+        inflight = _inflight(server, model) - baseline
         if inflight >= at_least:
             return inflight
         assert not all(f.done() for f in futures), "every request finished before the signal could be sent"
@@ -307,9 +314,10 @@ def test_a_crashed_model_process_is_retryable_and_readiness_follows_it(server, c
         response = _http(server, data)
         return str(response.status_code) if response.ok else f"{response.status_code}: {response.text}"
 
+    baseline = _inflight(server, model=True)
     with cf.ThreadPoolExecutor(12) as pool:
         futures = [pool.submit(grpc_call if i % 2 else http_call, images[i][1]) for i in range(12)]
-        _wait_inflight(server, futures, at_least=3, model=True)  # calls the model process holds die with it
+        _wait_inflight(server, futures, at_least=3, model=True, baseline=baseline)  # they die with the model
         model.kill()
         killed = time.monotonic()
         statuses = []  # (seconds since the kill, gRPC health of Screening), until SERVING again after NOT_SERVING
@@ -354,9 +362,10 @@ def test_graceful_shutdown_finishes_in_flight_requests(server, channel, images):
         response = _http(server, data)
         return str(response.status_code) if response.ok else f"{response.status_code}: {response.text}"
 
+    baseline = _inflight(server, model=True)
     with cf.ThreadPoolExecutor(12) as pool:
         futures = [pool.submit(grpc_call if i % 3 else http_call, images[i][1]) for i in range(12)]
-        held = _wait_inflight(server, futures, at_least=3, model=True)
+        held = _wait_inflight(server, futures, at_least=3, model=True, baseline=baseline)
         os.killpg(server.proc.pid, signal.SIGTERM)
         unanswered = sum(not f.done() for f in futures)
         answers = [f.result(timeout=120) for f in futures]

@@ -45,12 +45,17 @@ def forest_and_calibrator(classifier: Any) -> tuple[Any, Any | None]:
     Training serves `CalibratedClassifierCV(ensemble=False)`: one forest plus one calibrator. A bare
     forest (no calibration) is accepted too. Anything else has no exact TreeSHAP here: say so."""
     from sklearn.ensemble import RandomForestClassifier
+    from sklearn.frozen import FrozenEstimator
 
     if isinstance(classifier, RandomForestClassifier):
         return classifier, None
     calibrated = getattr(classifier, "calibrated_classifiers_", None)
-    if calibrated and len(calibrated) == 1 and isinstance(calibrated[0].estimator, RandomForestClassifier):
-        return calibrated[0].estimator, calibrated[0]
+    if calibrated and len(calibrated) == 1:
+        inner = calibrated[0].estimator
+        if isinstance(inner, FrozenEstimator):  # a site recalibration: a new calibrator over the parent's forest
+            inner = inner.estimator
+        if isinstance(inner, RandomForestClassifier):
+            return inner, calibrated[0]
     raise TypeError(f"cannot explain {type(classifier).__name__}: expected a Random Forest, or one calibrated "
                     "forest (CalibratedClassifierCV with ensemble=False)")
 
