@@ -112,6 +112,19 @@ def test_a_failed_call_takes_the_path_out_before_the_next_check_and_later_calls_
     asyncio.run(main())
 
 
+def hold_calls(model: FakeModelService, path: InferencePath) -> asyncio.Event:
+    """The model holds every call it gets until the returned event is set: calls provably in flight."""
+    release = asyncio.Event()
+    real_infer = model.infer
+
+    async def held(batch: np.ndarray) -> np.ndarray:
+        await release.wait()
+        return await real_infer(batch)
+
+    path._infer = remote_infer(held)
+    return release
+
+
 def test_a_model_shutting_down_refuses_new_calls_but_finishes_those_in_flight() -> None:
     """On SIGTERM the model service stops listening (refused) while it finishes the calls it holds: the path is
     not ready, but those calls are answered, not cut (the drain after SIGTERM depends on it)."""
@@ -119,14 +132,7 @@ def test_a_model_shutting_down_refuses_new_calls_but_finishes_those_in_flight() 
         model = FakeModelService()
         path, watch = watched(model)
         await watch.check()
-        release = asyncio.Event()
-        real_infer = model.infer
-
-        async def held(batch: np.ndarray) -> np.ndarray:
-            await release.wait()
-            return await real_infer(batch)
-
-        path._infer = remote_infer(held)
+        release = hold_calls(model, path)
         busy = asyncio.create_task(path.predict([good_png(0)], timeout=60.0))
         await asyncio.sleep(0.05)
         model.state = "dead"
@@ -144,14 +150,7 @@ def test_a_slow_health_check_does_not_cut_calls_in_flight() -> None:
         model = FakeModelService()
         path, watch = watched(model)
         await watch.check()
-        release = asyncio.Event()
-        real_infer = model.infer
-
-        async def slow_infer(batch: np.ndarray) -> np.ndarray:
-            await release.wait()
-            return await real_infer(batch)
-
-        path._infer = remote_infer(slow_infer)
+        release = hold_calls(model, path)
         busy = asyncio.create_task(path.predict([good_png(0)], timeout=60.0))
         await asyncio.sleep(0.05)
         model.state = "hung"
