@@ -215,14 +215,20 @@ def served_certificate(port: int, pki: LocalPKI) -> bytes:
             return tls.getpeercert(binary_form=True)
 
 
-def test_rotation_new_connections_get_the_new_certificate_without_a_pause(pki, tmp_path):
-    from cryptography.hazmat.primitives import serialization
-
+def live_certificate_files(pki: LocalPKI, tmp_path) -> tuple:
+    """A copy of the server certificate and key in a folder of their own, for a test to replace (a renewal)."""
     folder = tmp_path / "live"
     folder.mkdir()
     cert, key = folder / "tls.crt", folder / "tls.key"
     cert.write_bytes(pki.server_cert.read_bytes())
     key.write_bytes(pki.server_key.read_bytes())
+    return cert, key
+
+
+def test_rotation_new_connections_get_the_new_certificate_without_a_pause(pki, tmp_path):
+    from cryptography.hazmat.primitives import serialization
+
+    cert, key = live_certificate_files(pki, tmp_path)
     running = TlsRunning(TLSSettings(cert, key, pki.ca))
     try:
         first = served_certificate(running.port, pki)
@@ -381,11 +387,7 @@ def _https(url: str, pki: LocalPKI, cert=None, key=None, method: str = "POST"):
 def test_https_mtls_allow_list_and_rotation_in_uvicorn(pki, tmp_path):
     import requests
 
-    folder = tmp_path / "live"
-    folder.mkdir()
-    cert, key = folder / "tls.crt", folder / "tls.key"
-    cert.write_bytes(pki.server_cert.read_bytes())
-    key.write_bytes(pki.server_key.read_bytes())
+    cert, key = live_certificate_files(pki, tmp_path)
     running = HttpsRunning(TLSSettings(cert, key, pki.ca, AllowList.parse(ALLOWED)))
     try:
         ok = _https(f"{running.url}/predict", pki, pki.client_cert, pki.client_key)
