@@ -147,6 +147,29 @@ def test_signal_is_graded_not_a_step_at_the_threshold():
         assert slope_at_threshold < 3 * slope_overall, (seed, b)
 
 
+def _model_input_outside_and_inside(sample: phantom.Sample) -> tuple[float, float]:
+    """What the model sees (after `to_model_input`'s percentile stretch): the median outside the vertebral
+    bodies and the mean inside them, in grey levels of 255."""
+    from osteoscreen.imaging.decode import to_model_input
+
+    x = to_model_input(sample.image)[..., 0]
+    bodies = np.asarray(Image.fromarray(sample.body_mask.astype(np.uint8) * 255).resize(x.shape[::-1],
+                                                                                      Image.BILINEAR)) > 127
+    return float(np.median(x[~bodies])), float(x[bodies].mean())
+
+
+def test_bone_density_shows_in_the_bone_not_around_it():
+    """The shortcut the explanation maps found (issue 12): when the densest bone was every image's white
+    point, the same patient at T = -4.5 had soft tissue ~50 grey levels brighter than at T = +1.0 after
+    `to_model_input`, and bodies no darker. With collimated margins as the white point, only the bodies
+    change (measured: outside within 1.6 levels, inside +20..31)."""
+    for seed in range(4):
+        (out_low, in_low), (out_high, in_high) = (_model_input_outside_and_inside(phantom.render_sample(t, seed=seed))
+                                                  for t in (-4.5, 1.0))
+        assert abs(out_high - out_low) <= 4.0, (seed, out_low, out_high)
+        assert in_high - in_low >= 10.0, (seed, in_low, in_high)
+
+
 def test_signal_zero_makes_classes_identical():
     cfg = phantom.PhantomConfig(signal=0.0)
     low, high = phantom.render_sample(-4.5, seed=3, config=cfg), phantom.render_sample(1.5, seed=3, config=cfg)

@@ -230,7 +230,8 @@ def run(data_dir: Path, backbone: str = "vgg16", reports: Path = Path("reports")
     served = backbones.extractor_from(outcome.reference, get_spec(backbone), outcome.fitted.features)
     model = bundle.ModelBundle(served, outcome.fitted.model, outcome.fitted.features, metrics["threshold"], backbone,
                                metadata={"metrics": metrics, "input_size": 224, "class_names": ["normal", "osteoporosis"],
-                                         "training_data": {"synthetic": phantom.is_phantom_set(data_dir)},
+                                         "training_data": {"synthetic": phantom.is_phantom_set(data_dir),
+                                                           "phantom_version": phantom.provenance(data_dir).get("version")},
                                          "precision": outcome.precision, "precision_check": check,
                                          "training": {"seed": seed, "augment_rounds": augment_rounds,
                                                       "search_iterations": search_iterations,
