@@ -83,12 +83,20 @@ class Model:
         self.batcher = GreedyBatcher(
             lambda batch: asyncio.get_running_loop().run_in_executor(self._thread, self._compute, batch), MAX_BATCH)
         # explanations: their own Keras model (sharing the weights) on their own thread, one at a time,
-        # never in the screening batcher's way; warmed up too, so the first one is not the slow one
+        # never in the screening batcher's way. Built and warmed up on that thread after start-up, so a new
+        # replica turns ready without waiting for them; the thread runs in order, so an early explanation
+        # simply waits for the build.
+        self._explain_thread = ThreadPoolExecutor(1, thread_name_prefix="osteoscreen-explain")
+        self._explainer = self._explain_thread.submit(self._build_explainer)
+
+    def _build_explainer(self):
         from osteoscreen.model.explainer import Explainer
 
-        self._explainer = Explainer(self.bundle)
-        self._explainer.explain(np.zeros((224, 224, 1), np.float32))
-        self._explain_thread = ThreadPoolExecutor(1, thread_name_prefix="osteoscreen-explain")
+        started = time.time()
+        explainer = Explainer(self.bundle)
+        explainer.explain(np.zeros((224, 224, 1), np.float32))  # trace now: the first request is not the slow one
+        metrics.STARTUP.labels(phase="explainer_background").set(time.time() - started)
+        return explainer
 
     def _compute(self, images: np.ndarray) -> np.ndarray:
         started, cpu = time.perf_counter(), time.process_time()
@@ -112,7 +120,7 @@ class Model:
         from osteoscreen.explain.attribution import pack
 
         loop = asyncio.get_running_loop()
-        return pack(await loop.run_in_executor(self._explain_thread, self._explainer.explain, image))
+        return pack(await loop.run_in_executor(self._explain_thread, lambda: self._explainer.result().explain(image)))
 
     @bentoml.api
     def info(self) -> dict:

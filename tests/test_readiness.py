@@ -74,6 +74,31 @@ def test_a_dead_model_is_not_ready_at_once_and_ready_again_when_it_answers() -> 
     asyncio.run(main())
 
 
+def test_a_starting_model_is_found_ready_soon_after_it_answers_not_one_interval_later() -> None:
+    """Start-up (issue 11): with checks every 10 s once ready, a model that comes up while the watch runs
+    is found within `down_interval_s` (0.25 s by default), not up to 10 s later."""
+
+    async def main() -> None:
+        model = FakeModelService()
+        model.state = "dead"
+        path = InferencePath(remote_infer(model.infer), policy=Policy.FLAG)
+        watch = ModelWatch(path, remote_info(model.info), WatchSettings(interval_s=10.0, timeout_s=0.2))
+        task = asyncio.get_running_loop().create_task(watch.run())
+        try:
+            await asyncio.sleep(0.3)
+            assert not path.is_ready()
+            model.state = "up"
+            for _ in range(40):  # up to 2 s
+                if path.is_ready():
+                    break
+                await asyncio.sleep(0.05)
+            assert path.is_ready(), "still not ready 2 s after the model answered"
+        finally:
+            task.cancel()
+
+    asyncio.run(main())
+
+
 def test_a_hung_model_is_not_ready_after_consecutive_timeouts_not_after_one() -> None:
     async def main() -> None:
         model = FakeModelService()

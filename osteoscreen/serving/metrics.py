@@ -71,7 +71,8 @@ STARTUP = bentoml.metrics.Gauge(
     name="osteoscreen_startup_seconds",
     documentation="Model service start-up by phase (spawn: process start to service init, service imports "
                   "included; import: TensorFlow and Keras; load: bundle load; warmup: first model call, graph "
-                  "tracing included).",
+                  "tracing included; explainer_background: the explanation model's build and warm-up, after ready, off the "
+                  "path to it).",
     labelnames=["phase"],
     multiprocess_mode="max",
 )

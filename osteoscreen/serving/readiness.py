@@ -24,13 +24,17 @@ log = logging.getLogger("osteoscreen.readiness")
 
 @dataclass(frozen=True)
 class WatchSettings:
-    """`interval_s` between checks; a check slower than `timeout_s` is a failure; `hung_after` such
+    """`interval_s` between checks while the model answers; `down_interval_s` while it does not (starting,
+    restarting), so a new replica turns ready a fraction of a second after its model has loaded rather than up
+    to `interval_s` later: autoscaling pays start-up on every replica, and a check that meets a refused
+    connection or a 503 costs nothing. A check slower than `timeout_s` is a failure; `hung_after` such
     failures in a row mean a hung model (one slow answer on a loaded node is not). A refused connection
     (the process is gone) counts at once."""
 
     interval_s: float = 2.0
     timeout_s: float = 3.0
     hung_after: int = 2
+    down_interval_s: float = 0.25
 
     @classmethod
     def from_env(cls) -> WatchSettings:
@@ -78,4 +82,5 @@ class ModelWatch:
             if ready and not was_ready:
                 log.info("model %s:%s ready", self.path.model_name, self.path.model_version)
             was_ready = ready
-            await asyncio.sleep(self.settings.interval_s)
+            await asyncio.sleep(self.settings.interval_s if ready else min(self.settings.interval_s,
+                                                                           self.settings.down_interval_s))
