@@ -295,6 +295,9 @@ def test_bench_notes_the_sr_build_time():
     result = dicom_sr.measure(repeats=1)
     assert result["builds"] == len(dicom_sr.SOURCES) and 0 < result["cpu_median_ms"] and 0 < result["median_ms"]
     assert f"goal < {dicom_sr.GOAL_MS:.0f} ms" in dicom_sr.note(result)
+    for key in ("overlay_sc", "sr_with_overlay_sc"):
+        assert result[key]["builds"] == len(dicom_sr.SOURCES) and 0 < result[key]["cpu_median_ms"]
+    assert "Secondary Capture" in dicom_sr.note(result)
 
 
 # -- the explanation overlay as a DICOM Secondary Capture, referenced from the SR ----------------------------
@@ -484,3 +487,33 @@ def test_http_explain_refuses_dicom_results_it_cannot_give_before_the_model():
                    PatientBirthDate=None)
     assert unlike.post("/explain", content=spine, headers=dicom).status_code == 422  # the content check, after
     assert client.post("/explain", content=good_png(), headers={"Accept": "image/png"}).status_code == 200
+
+
+def test_a_non_dicom_explanation_asking_for_results_is_refused_before_the_queue():
+    """With the explanation queue full, a PNG asking for DICOM results still gets its 400 reason (not 503): the
+    check comes before admission; a DICOM input is then refused as overloaded."""
+    from osteoscreen.errors import OverloadedError
+    from osteoscreen.serving.explanations import ExplainPath
+
+    info = ModelInfo(name="osteoscreen", version="t13version", backbone="vgg16", threshold=0.316, intended_use=RULES)
+
+    async def scenario() -> None:
+        gate, model = asyncio.Event(), FixedExplanation(0.5)
+
+        async def held(image: np.ndarray) -> np.ndarray:
+            await gate.wait()
+            return await model(image)
+
+        path = ExplainPath(held, lambda: info, concurrency=1, queue=0, policy=Policy.FLAG)
+        busy = asyncio.create_task(path.explain(good_png()))
+        while path.admitted == 0:
+            await asyncio.sleep(0.01)
+        with pytest.raises(DicomResultsError, match="need a DICOM input"):
+            await path.explain(good_png(), dicom=True)
+        with pytest.raises(OverloadedError):
+            await path.explain(source(), dicom=True)
+        gate.set()
+        await busy
+        assert model.calls == 1
+
+    asyncio.run(scenario())
