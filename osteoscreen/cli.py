@@ -94,7 +94,12 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 def _cmd_explain(args: argparse.Namespace) -> int:
     from osteoscreen.explain import files
 
-    return files.run(args.files, Path(args.out), model_tag=args.model, server=args.server, tls=args.tls)
+    if args.out is None and args.dicom_out is None:
+        print("osteoscreen explain: give --out DIR (overlay PNGs), --dicom-out DIR (DICOM results) or both",
+              file=sys.stderr)
+        return 2
+    return files.run(args.files, Path(args.out) if args.out else None, model_tag=args.model, server=args.server,
+                     tls=args.tls, dicom_out=Path(args.dicom_out) if args.dicom_out else None)
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -196,7 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("explain", help="explanation overlays (PNG) of files, locally or against --server")
     p.add_argument("files", nargs="+")
-    p.add_argument("--out", required=True, help="folder for the overlays (FILE's name with .png)")
+    p.add_argument("--out", default=None, help="folder for the overlays (FILE's name with .png)")
+    p.add_argument("--dicom-out", default=None, metavar="DIR",
+                   help="also write each DICOM input's results here: the SR and the overlay as a DICOM Secondary "
+                        "Capture it references (DICOM inputs only)")
     p.add_argument("--model", default=None, help="model tag (default: the latest registered)")
     p.add_argument("--server", default=None, help="HOST:PORT of a running OsteoScreen gRPC server")
     p.add_argument("--tls", action="store_true", help="use TLS to reach --server")

@@ -145,12 +145,13 @@ class ScreeningClient:
         return _to_result(response)
 
     def explain(self, image: ImageSource, request_id: str | None = None, format: str | None = None,
-                timeout: float | None = None) -> RemoteExplanation:
+                timeout: float | None = None, dicom_results: bool = False) -> RemoteExplanation:
         """Screen one image and explain the result (the server's explanation queue is small: a busy server
-        answers RESOURCE_EXHAUSTED; retry later)."""
+        answers RESOURCE_EXHAUSTED; retry later). `dicom_results=True` (DICOM input only): `.prediction.dicom`
+        holds the SR and the overlay as a DICOM Secondary Capture (`.images[0]`)."""
         import numpy as np
 
-        r = self._stub.Explain(self.request(image, request_id, format), timeout=timeout or self.timeout)
+        r = self._stub.Explain(self.request(image, request_id, format, dicom_results), timeout=timeout or self.timeout)
         attribution = np.asarray(r.map, dtype=np.float32).reshape(tuple(r.map_shape))
         return RemoteExplanation(_to_result(r.prediction), attribution, r.forest_output, r.expected_value,
                                  r.overlay_png)

@@ -43,7 +43,8 @@ class Prediction:
     threshold: float  # the operating threshold chosen at training time
     model: str  # model name in the BentoML store
     version: str  # model version (BentoML tag version)
-    # intended-use checks this image failed; only ever non-empty under the `flag` policy (refuse raises)
+    # intended-use checks this image failed; non-empty on a screening answer only under the `flag` policy (refuse
+    # raises); an explanation names them under either policy (its DICOM results follow the policy)
     findings: tuple[Finding, ...] = ()
     dicom: DicomResults | None = None  # only when the caller asked for DICOM results
 

@@ -39,14 +39,15 @@ def source(name: str = "RG3_J2KR", **attributes: object) -> bytes:
     return retagged(name, PatientName=PATIENT_NAME, PatientID=PATIENT_ID, **attributes)
 
 
-def dciodvfy_errors(data: bytes, tmp_path) -> list[str]:
-    """dicom3tools' IOD validator: its error lines (warnings, e.g. for our private coding scheme, are allowed)."""
+def dciodvfy_errors(data: bytes, tmp_path, iod: str = "SR") -> list[str]:
+    """dicom3tools' IOD validator: its error lines (warnings, e.g. for our private coding scheme, are allowed).
+    `iod`: a word of the IOD name dciodvfy must have recognised ("SR"; "SCImage" for a Secondary Capture)."""
     assert shutil.which("dciodvfy"), "dciodvfy missing: `make tools` installs dicom3tools"
     path = tmp_path / "check.dcm"
     path.write_bytes(data)
     run = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
     lines = (run.stdout + run.stderr).splitlines()
-    assert any("Comprehensive3DSR" in line or "SR" in line for line in lines), lines  # it did recognise the IOD
+    assert any(iod in line for line in lines), lines  # it did recognise the IOD
     return [line for line in lines if line.startswith("Error")]
 
 
@@ -207,7 +208,10 @@ def test_grpc_predict_answers_the_sr_and_refuses_a_non_dicom_input(grpc_target, 
                                 timeout=60)
         back = reader.read(response.dicom_sr)
         assert back.probability == pytest.approx(response.probability) == pytest.approx(0.625)
-        assert back.osteoporosis_present == (response.label == "osteoporosis")
+        # a chest film, answered under the flag policy: the SR names each failed check and makes no finding
+        assert response.outside_intended_use and back.osteoporosis_present is None
+        assert [text.split(" check:")[0] for text in back.outside_intended_use] == \
+            [f.check for f in response.intended_use_findings]
         assert back.algorithm_version == f"{response.model_name}:{response.model_version}"
         assert pydicom.dcmread(io.BytesIO(response.dicom_sr)).SOPInstanceUID == response.dicom_sr_sop_instance_uid
         assert list(response.dicom_images) == []
@@ -291,3 +295,225 @@ def test_bench_notes_the_sr_build_time():
     result = dicom_sr.measure(repeats=1)
     assert result["builds"] == len(dicom_sr.SOURCES) and 0 < result["cpu_median_ms"] and 0 < result["median_ms"]
     assert f"goal < {dicom_sr.GOAL_MS:.0f} ms" in dicom_sr.note(result)
+    for key in ("overlay_sc", "sr_with_overlay_sc"):
+        assert result[key]["builds"] == len(dicom_sr.SOURCES) and 0 < result[key]["cpu_median_ms"]
+    assert "Secondary Capture" in dicom_sr.note(result)
+
+
+# -- the explanation overlay as a DICOM Secondary Capture, referenced from the SR ----------------------------
+
+OVERLAY = np.random.default_rng(13).integers(0, 256, size=(512, 482, 3), dtype=np.uint8)  # RG1's aspect
+
+
+def multipart_dicom(content_type: str, body: bytes) -> list[bytes]:
+    """The instances of a `multipart/related; type="application/dicom"` answer, parsed by the standard library's
+    MIME parser (not by our encoder's inverse)."""
+    import email
+    import email.policy
+
+    message = email.message_from_bytes(f"Content-Type: {content_type}\r\n\r\n".encode() + body,
+                                       policy=email.policy.HTTP)
+    assert message.get_content_type() == "multipart/related" and message.get_param("type") == "application/dicom"
+    parts = list(message.iter_parts())
+    assert all(part.get_content_type() == "application/dicom" for part in parts)
+    return [part.get_payload(decode=True) for part in parts]
+
+
+@pytest.mark.parametrize("name", ["RG1_J2KR", "RG3_UNCR"])  # RG1: chest, no laterality; RG3: tibia, right
+def test_overlay_secondary_capture_is_valid_in_the_source_study_and_the_sr_references_it(name, tmp_path):
+    data = source(name)
+    results = sr.to_results(data, prediction(0.731234), ALGORITHM, overlay_rgb=OVERLAY)
+    (image_bytes,) = results.images
+    assert dciodvfy_errors(image_bytes, tmp_path, iod="SCImage") == []
+    assert dciodvfy_errors(results.sr, tmp_path) == []
+
+    src, image = pydicom.dcmread(io.BytesIO(data)), pydicom.dcmread(io.BytesIO(image_bytes))
+    doc = pydicom.dcmread(io.BytesIO(results.sr))
+    assert image.SOPClassUID == pydicom.uid.SecondaryCaptureImageStorage
+    for key in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyID",
+                "AccessionNumber", "StudyDate"):
+        assert image.get(key) == src.get(key), key
+    assert len({image.SeriesInstanceUID, src.SeriesInstanceUID, doc.SeriesInstanceUID}) == 3  # a series of its own
+    assert (image.SeriesNumber, image.Manufacturer, image.ManufacturerModelName) == (9871, sr.MANUFACTURER,
+                                                                                    sr.MODEL_NAME)
+    assert "osteoscreen:t13version" in image.SoftwareVersions
+    assert list(image.ImageType)[:2] == ["DERIVED", "SECONDARY"]
+    (source_ref,) = image.SourceImageSequence
+    assert (source_ref.ReferencedSOPInstanceUID, source_ref.ReferencedSOPClassUID) == (src.SOPInstanceUID,
+                                                                                         src.SOPClassUID)
+    assert source_ref.PurposeOfReferenceCodeSequence[0].CodeValue == "121322"
+    assert image.PatientOrientation == src.PatientOrientation  # the same picture, scaled
+    assert image.BurnedInAnnotation == "YES"  # the source does not say: never claim an image is clean
+    # the pixels, losslessly, at the radiograph's aspect
+    assert (image.Rows, image.Columns, image.PhotometricInterpretation) == (512, 482, "RGB")
+    np.testing.assert_array_equal(image.pixel_array, OVERLAY)
+    assert "NOT FOR CLINICAL USE" in image.SeriesDescription and sr.NOT_CLINICAL in image.DerivationDescription
+    # the SR points at it, and lists it as evidence in the same study
+    assert reader.read(results.sr).result_image_uids == (image.SOPInstanceUID,)
+    (evidence,) = doc.CurrentRequestedProcedureEvidenceSequence
+    assert evidence.StudyInstanceUID == src.StudyInstanceUID
+    assert {item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for item in evidence.ReferencedSeriesSequence} == \
+        {src.SOPInstanceUID, image.SOPInstanceUID}
+
+
+def test_overlay_of_a_clinical_model_and_a_source_without_burned_in_text():
+    clinical = sr.Algorithm("osteoscreen", "t13version", "vgg16", clinical=True)
+    results = sr.to_results(source(BurnedInAnnotation="NO"), prediction(0.2), clinical, overlay_rgb=OVERLAY)
+    image = pydicom.dcmread(io.BytesIO(results.images[0]))
+    assert image.BurnedInAnnotation == "NO"  # we add no text; the source had none
+    assert "CLINICAL" not in image.SeriesDescription and "CLINICAL" not in image.DerivationDescription
+    assert "0.200" in image.DerivationDescription and "normal" in image.DerivationDescription
+
+
+def test_a_flagged_image_sr_names_the_failed_check_and_makes_no_finding(tmp_path):
+    """Review point: an image answered under OSTEOSCREEN_INTENDED_USE=flag although it failed a check."""
+    import dataclasses
+
+    from osteoscreen.types import Finding
+
+    found = (Finding("body_part", "CHEST", "body part examined CHEST is not the lumbar spine the model was "
+                                           "trained on"),
+             Finding("content", "7.3", "the image is unlike the model's training images"))
+    flagged = dataclasses.replace(prediction(0.9), findings=found)
+    results = sr.to_results(source("RG1_J2KR"), flagged, ALGORITHM, overlay_rgb=OVERLAY)
+    assert dciodvfy_errors(results.sr, tmp_path) == []
+    back = reader.read(results.sr)
+    assert back.osteoporosis_present is None  # no Present / Absent a reader could take for a screening result
+    assert back.outside_intended_use == tuple(f"{f.check} check: {f.reason}" for f in found)
+    assert back.cautions[0].startswith("NOT A SCREENING RESULT") and "body_part, content" in back.cautions[0]
+    assert back.probability == pytest.approx(0.9)  # still reported, for site validation
+    doc = pydicom.dcmread(io.BytesIO(results.sr))
+    assert doc.SeriesDescription == sr.SERIES_DESCRIPTION_OUTSIDE
+    dump = subprocess.run(["dsrdump", str(tmp_path / "check.dcm")], capture_output=True, text=True, timeout=60)
+    assert "Outside intended use" in dump.stdout and "Present" not in dump.stdout and "Absent" not in dump.stdout
+    image = pydicom.dcmread(io.BytesIO(results.images[0]))
+    assert "OUTSIDE INTENDED USE" in image.DerivationDescription and "body_part check" in image.DerivationDescription
+    clean = reader.read(sr.to_results(source("RG1_J2KR"), prediction(0.9), ALGORITHM).sr)
+    assert clean.osteoporosis_present is True and clean.outside_intended_use == ()
+
+
+def test_a_one_part_patient_name_is_not_quoted_by_any_warning_or_log(caplog):
+    """highdicom warns about a one-part person name by quoting it; that warning is patient data and is dropped."""
+    import warnings
+
+    from osteoscreen.dicom_results import privacy
+
+    one_part = "Quixwortsolo"
+    data = retagged("RG1_J2KR", PatientName=one_part, PatientID=PATIENT_ID,
+                    ReferringPhysicianName="Drsolo" + PATIENT_ID)
+    with caplog.at_level(logging.DEBUG), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        privacy.withhold_values()  # as at import: pytest's own warning capture has replaced the process's filters
+        results = sr.to_results(data, prediction(0.5), ALGORITHM, overlay_rgb=OVERLAY)
+    assert pydicom.dcmread(io.BytesIO(results.images[0])).PatientName == one_part  # in the file, where it belongs
+    said = caplog.text + " ".join(str(w.message) for w in caught)
+    assert one_part not in said and PATIENT_ID not in said
+
+
+# -- explanations with DICOM results, served: the explanation path over a fake model --------------------------
+
+RULES = {"content_cutoff": 3.0}  # the default body parts, views and modalities, and a content check
+
+
+class FixedExplanation:
+    """The model service's explain answer (`attribution.pack`), with a fixed probability and content score."""
+
+    def __init__(self, probability: float, content_score: float = 1.0) -> None:
+        self.probability, self.content_score, self.calls = probability, content_score, 0
+
+    async def __call__(self, image: np.ndarray) -> np.ndarray:
+        from osteoscreen.explain.attribution import Explanation, pack
+
+        self.calls += 1
+        attribution = np.zeros((224, 224), np.float32)
+        attribution[90:130, 100:120], attribution[10:30, 10:30] = 0.002, -0.001
+        return pack(Explanation(attribution, self.probability, 0.7, 0.4, self.content_score))
+
+
+def explain_app(policy: Policy, model: FixedExplanation):
+    from osteoscreen.serving.explanations import ExplainPath
+
+    info = ModelInfo(name="osteoscreen", version="t13version", backbone="vgg16", threshold=0.316,
+                     intended_use=RULES)
+    app = http.create_app()
+    app.state.explainer = ExplainPath(model, lambda: info, policy=policy)
+    return TestClient(app)
+
+
+def test_http_explain_answers_the_sr_and_the_overlay_as_multipart_related(caplog):
+    caplog.set_level(logging.DEBUG)
+    model = FixedExplanation(0.625)
+    client = explain_app(Policy.FLAG, model)
+    data = source("RG3_J2KR")  # a tibia: the body part check fails, flagged
+    answer = client.post("/explain", content=data, headers={"Accept": "application/dicom",
+                                                            "Content-Type": "application/dicom"})
+    assert answer.status_code == 200, answer.text
+    report, image = multipart_dicom(answer.headers["content-type"], answer.content)
+    back = reader.read(report)
+    image_ds = pydicom.dcmread(io.BytesIO(image))
+    assert back.result_image_uids == (image_ds.SOPInstanceUID,)
+    assert back.probability == pytest.approx(float(answer.headers["x-osteoscreen-probability"])) == pytest.approx(0.625)
+    assert back.osteoporosis_present is None and back.outside_intended_use[0].startswith("body_part check")
+    assert answer.headers["x-osteoscreen-outside-intended-use"].split(",")[0] == "body_part"
+    assert answer.headers["x-osteoscreen-sr-instance-uid"] == pydicom.dcmread(io.BytesIO(report)).SOPInstanceUID
+    assert (image_ds.Rows, image_ds.Columns) == (512, 512)  # 1760x1760 shown at 512
+    # the pixels are the PNG overlay's
+    png = client.post("/explain", content=data, headers={"Accept": "image/png", "Content-Type": "application/dicom"})
+    from PIL import Image
+
+    np.testing.assert_array_equal(image_ds.pixel_array, np.asarray(Image.open(io.BytesIO(png.content))))
+    # DICOMweb's own Accept form works too; JSON names the failed check as /predict does
+    wado = client.post("/explain", content=data, headers={"Accept": 'multipart/related; type="application/dicom"'})
+    assert len(multipart_dicom(wado.headers["content-type"], wado.content)) == 2
+    as_json = client.post("/explain", content=data, headers={"Accept": "application/json"}).json()
+    assert [f["check"] for f in as_json["out_of_intended_use"]][0] == "body_part"
+    assert PATIENT_ID not in caplog.text and PATIENT_NAME.split("^")[0] not in caplog.text
+
+
+def test_http_explain_refuses_dicom_results_it_cannot_give_before_the_model():
+    model = FixedExplanation(0.625)
+    client = explain_app(Policy.REFUSE, model)
+    dicom = {"Accept": "application/dicom"}
+    refused = client.post("/explain", content=good_png(), headers=dicom)
+    assert refused.status_code == 400 and "DICOM input" in refused.json()["error"] and model.calls == 0
+    missing = client.post("/explain", content=source(StudyInstanceUID=None), headers=dicom)
+    assert missing.status_code == 400 and "StudyInstanceUID" in missing.json()["error"]
+    assert PATIENT_ID not in missing.text
+    outside = client.post("/explain", content=source("RG3_J2KR"), headers=dicom)  # refuse: the tibia is not screened
+    assert outside.status_code == 422 and "body_part check" in outside.json()["error"]
+    assert model.calls == 0  # refused on its header, before any model time
+    unlike = explain_app(Policy.REFUSE, FixedExplanation(0.625, content_score=9.0))
+    spine = source("RG3_J2KR", BodyPartExamined="LSPINE", ViewPosition="LAT", Laterality=None, PatientAge=None,
+                   PatientBirthDate=None)
+    assert unlike.post("/explain", content=spine, headers=dicom).status_code == 422  # the content check, after
+    assert client.post("/explain", content=good_png(), headers={"Accept": "image/png"}).status_code == 200
+
+
+def test_a_non_dicom_explanation_asking_for_results_is_refused_before_the_queue():
+    """With the explanation queue full, a PNG asking for DICOM results still gets its 400 reason (not 503): the
+    check comes before admission; a DICOM input is then refused as overloaded."""
+    from osteoscreen.errors import OverloadedError
+    from osteoscreen.serving.explanations import ExplainPath
+
+    info = ModelInfo(name="osteoscreen", version="t13version", backbone="vgg16", threshold=0.316, intended_use=RULES)
+
+    async def scenario() -> None:
+        gate, model = asyncio.Event(), FixedExplanation(0.5)
+
+        async def held(image: np.ndarray) -> np.ndarray:
+            await gate.wait()
+            return await model(image)
+
+        path = ExplainPath(held, lambda: info, concurrency=1, queue=0, policy=Policy.FLAG)
+        busy = asyncio.create_task(path.explain(good_png()))
+        while path.admitted == 0:
+            await asyncio.sleep(0.01)
+        with pytest.raises(DicomResultsError, match="need a DICOM input"):
+            await path.explain(good_png(), dicom=True)
+        with pytest.raises(OverloadedError):
+            await path.explain(source(), dicom=True)
+        gate.set()
+        await busy
+        assert model.calls == 1
+
+    asyncio.run(scenario())

@@ -46,3 +46,28 @@ def test_traceback_without_messages_keeps_locations_and_chain():
         text = traceback_without_messages(exc)
     assert SECRET not in text and "builtins.RuntimeError" in text
     assert "test_traceback_without_messages_keeps_locations_and_chain" in text
+
+
+def test_explanation_dicom_results_keep_identifiers_in_the_dicom_files_only(caplog):
+    """The explanation path with DICOM results (SR + overlay Secondary Capture), over HTTP, with a DICOM full of
+    identifiers: they are in the DICOM parts of the answer and nowhere else (headers, errors, logs). The same
+    against a real server, its log and metrics: tests/test_dicom_pacs.py."""
+    from osteoscreen.intended_use.policy import Policy
+    from tests.test_dicom_results import PATIENT_ID, PATIENT_NAME, FixedExplanation, explain_app, multipart_dicom, \
+        source
+
+    secrets = (PATIENT_ID, *PATIENT_NAME.split("^"))
+    caplog.set_level(logging.DEBUG)
+    client = explain_app(Policy.FLAG, FixedExplanation(0.7))
+    answer = client.post("/explain", content=source("RG1_J2KR"), headers={"Accept": "application/dicom"})
+    assert answer.status_code == 200
+    parts = multipart_dicom(answer.headers["content-type"], answer.content)
+    assert len(parts) == 2  # the SR and the overlay image
+    assert all(secret.encode() in part for part in parts for secret in secrets)  # the PACS files them by these
+    headers = str(dict(answer.headers))
+    errors = [client.post("/explain", content=source("RG1_J2KR", StudyInstanceUID=None),
+                          headers={"Accept": "application/dicom"}).text,
+              explain_app(Policy.REFUSE, FixedExplanation(0.7)).post(
+                  "/explain", content=source("RG1_J2KR"), headers={"Accept": "application/dicom"}).text]
+    for secret in secrets:
+        assert secret not in headers and secret not in caplog.text and not any(secret in e for e in errors)

@@ -23,6 +23,7 @@ THRESHOLD = Code("OSTEO-T", PRIVATE_SCHEME, "Operating threshold")
 NO_UNITS = codes.UCUM.NoUnits  # UCUM "1"
 
 PROCEDURE = codes.SCT.ImagingProcedure  # 363679005
+OUTSIDE_INTENDED_USE = Code("OSTEO-IU", PRIVATE_SCHEME, "Outside intended use")  # TEXT: a failed intended-use check
 REFERENCED_RESULT = Code("OSTEO-IMG", PRIVATE_SCHEME, "Result image")  # a result image (e.g. an overlay) the SR points to
 TITLE = codes.DCM.ImagingMeasurementReport  # 126000, the TID 1500 title
 QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")  # TID 1500 row 12 container

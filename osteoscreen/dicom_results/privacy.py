@@ -1,7 +1,7 @@
 """Patient data stays out of logs: pydicom reports an attribute value it finds invalid by quoting it, both as a
 log record (logger "pydicom") and as a UserWarning, which a server writes to its log. A DICOM input's values are
 patient data (a malformed Patient's Name is still a name), so those reports lose the value here: the record
-keeps the VR, the warning is dropped. Installed once per process by `osteoscreen.dicom_results.sr`, which the
+keeps the VR, the warning is dropped; so is highdicom's warning about a one-part person name, which quotes it. Installed once per process by `osteoscreen.dicom_results.sr`, which the
 serving front and `osteoscreen predict` import, so it covers the decoding of every DICOM input there too."""
 
 from __future__ import annotations
@@ -13,6 +13,9 @@ import warnings
 # every message of pydicom.valuerep.validate_value: "Invalid value for VR PN: '...'", "The value length (70)
 # exceeds the maximum length of 64 allowed for VR LO.", "Value '...' is not valid for VR ..."
 _VALUE_REPORT = re.compile(r"(Invalid value for VR|The value length|Value .* (is not|exceeds))", re.DOTALL)
+# highdicom's person-name check quotes the name: 'The string "..." is unlikely to represent the intended person
+# name' (a single-component Patient's or Referring Physician's Name, copied from the source into our results)
+_HIGHDICOM_NAME_REPORT = r"The string .* is unlikely to represent the intended person name"
 _VR = re.compile(r"\bVR ([A-Z]{2})\b")
 
 
@@ -35,3 +38,4 @@ def withhold_values() -> None:
     if _FILTER not in logger.filters:
         logger.addFilter(_FILTER)
     warnings.filterwarnings("ignore", message=_VALUE_REPORT.pattern, category=UserWarning)
+    warnings.filterwarnings("ignore", message=_HIGHDICOM_NAME_REPORT, category=UserWarning)

@@ -6,9 +6,13 @@ What a PACS viewer shows, top down (README "Integrating with a PACS" has the tab
     Imaging Measurements
       Measurement Group: tracking identifier + UID, algorithm (TID 4019: name, version = model tag),
         source image (SOP class + instance UID), Probability of osteoporosis (NUM, calibrated),
-        Operating threshold (NUM), Osteoporosis = Present | Absent (CODE), result images if any
+        Operating threshold (NUM), Osteoporosis = Present | Absent (CODE), result images if any (the
+        explanation overlay, `osteoscreen.dicom_results.sc`)
     Qualitative Evaluations: the cautions (TEXT): screening aid, confirm with DXA; and, unless the model card
       says real radiographs trained it, "not for clinical use"
+An image answered although it failed an intended-use check (OSTEOSCREEN_INTENDED_USE=flag) gets no
+Present | Absent finding: its measurement group carries an "Outside intended use" TEXT item per failed check
+instead, the cautions begin with "NOT A SCREENING RESULT", and the series description says so.
 The document copies patient and study identification from the source, so the PACS files it in the same
 study, in a new series with our manufacturer, model and version, and Contributing Equipment names the
 algorithm (IHE AIR). Logs name exception types only, and errors never quote an input value: the source is
@@ -23,6 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import highdicom as hd
+import numpy as np
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
 import pydicom
 from pydicom.dataset import Dataset
@@ -40,9 +45,12 @@ MANUFACTURER = "OsteoScreen"
 MODEL_NAME = "OsteoScreen osteoporosis screening"
 SERIES_NUMBER = 9870  # a high number keeps our series after the acquisition's own in viewers' series lists
 SERIES_DESCRIPTION = "OsteoScreen AI result"
+SERIES_DESCRIPTION_OUTSIDE = "OsteoScreen AI result - OUTSIDE INTENDED USE"
 SCREENING_CAUTION = ("Screening aid, not a diagnosis: a positive result needs confirmation by DXA bone densitometry; "
                      "a negative result does not exclude osteoporosis.")
 NOT_CLINICAL = "NOT FOR CLINICAL USE: this model was trained on synthetic (phantom) or unrecorded data."
+NOT_SCREENING = ("NOT A SCREENING RESULT: this image failed the model's intended-use checks ({checks}); the "
+                 "probability is reported for research and site validation only, and no finding is made.")
 REQUIRED = ("StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID", "SOPInstanceUID")
 
 
@@ -104,11 +112,27 @@ def build(source: Dataset, prediction: Prediction, algorithm: Algorithm,
 
 
 def to_results(source_bytes: bytes, prediction: Prediction, algorithm: Algorithm, format_hint: str | None = None,
-               result_images: Sequence[Dataset] = ()) -> DicomResults:
-    """Bytes in, bytes out: the SR (and the result images) as DICOM Part 10 files."""
-    sr = build(read_source(source_bytes, format_hint), prediction, algorithm, result_images)
+               result_images: Sequence[Dataset] = (), overlay_rgb: np.ndarray | None = None) -> DicomResults:
+    """Bytes in, bytes out: the SR (and the result images) as DICOM Part 10 files. `overlay_rgb` (the
+    explanation overlay, uint8 RGB) becomes a Secondary Capture in the source's study that the SR references."""
+    source = read_source(source_bytes, format_hint)
+    images = list(result_images)
+    if overlay_rgb is not None:
+        from osteoscreen.dicom_results import sc
+
+        images.append(sc.build(source, overlay_rgb, prediction, algorithm))
+    sr = build(source, prediction, algorithm, images)
     return DicomResults(sr=encode(sr), sr_sop_instance_uid=str(sr.SOPInstanceUID),
-                        images=tuple(encode(image) for image in result_images))
+                        images=tuple(encode(image) for image in images))
+
+
+def contributing_equipment(algorithm: Algorithm) -> hd.ContributingEquipment:
+    """The algorithm as Contributing Equipment (IHE AIR). Purpose (109102, DCM, "Processing Equipment"): DICOM's
+    CID 7005 has no "processing algorithm" concept, so the description says it (README: Codes)."""
+    return hd.ContributingEquipment(
+        manufacturer=MANUFACTURER, purpose_of_reference=codes.PROCESSING_EQUIPMENT,
+        manufacturer_model_name=MODEL_NAME, software_versions=algorithm.tag[:64],
+        contribution_description=f"Processing Algorithm: {MODEL_NAME}, model {algorithm.tag}")
 
 
 def encode(ds: Dataset) -> bytes:
@@ -123,6 +147,8 @@ def _build(source: Dataset, prediction: Prediction, algorithm: Algorithm,
         name=MODEL_NAME, version=algorithm.tag, manufacturer=MANUFACTURER,
         parameters=[f"backbone={algorithm.backbone}", f"threshold={prediction.threshold:.6g}"])
     finding = codes.PRESENT if prediction.label == LABELS[1] else codes.ABSENT
+    # failed intended-use checks: no finding a reader could take for a screening result (see the module doc)
+    evaluations = [] if prediction.findings else [hd.sr.QualitativeEvaluation(codes.OSTEOPOROSIS, finding)]
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier="OsteoScreen osteoporosis screening"),
         algorithm_id=algorithm_id,
@@ -132,10 +158,14 @@ def _build(source: Dataset, prediction: Prediction, algorithm: Algorithm,
             hd.sr.Measurement(name=codes.THRESHOLD, value=round(float(prediction.threshold), 6),
                               unit=codes.NO_UNITS),
         ],
-        qualitative_evaluations=[hd.sr.QualitativeEvaluation(codes.OSTEOPOROSIS, finding)],
+        qualitative_evaluations=evaluations,
         source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)],
     )
-    for image in result_images:  # the hook for result images (issue 12's overlay)
+    for found in prediction.findings:
+        group[0].ContentSequence.append(hd.sr.TextContentItem(
+            name=codes.OUTSIDE_INTENDED_USE, value=f"{found.check} check: {found.reason}"[:1024],
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
+    for image in result_images:  # result images: the explanation overlay (sc.build)
         group[0].ContentSequence.append(hd.sr.ImageContentItem(
             name=codes.REFERENCED_RESULT, referenced_sop_class_uid=image.SOPClassUID,
             referenced_sop_instance_uid=image.SOPInstanceUID,
@@ -148,7 +178,7 @@ def _build(source: Dataset, prediction: Prediction, algorithm: Algorithm,
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=codes.PROCEDURE, imaging_measurements=[group], title=codes.TITLE)
-    report[0].ContentSequence.append(_cautions(algorithm))
+    report[0].ContentSequence.append(_cautions(algorithm, prediction))
     sr = hd.sr.Comprehensive3DSR(
         evidence=[source, *result_images],
         content=report[0],
@@ -159,12 +189,9 @@ def _build(source: Dataset, prediction: Prediction, algorithm: Algorithm,
         manufacturer=MANUFACTURER,
         manufacturer_model_name=MODEL_NAME,
         software_versions=f"{osteoscreen.__version__} {algorithm.tag}"[:64],
-        series_description=SERIES_DESCRIPTION,
+        series_description=SERIES_DESCRIPTION_OUTSIDE if prediction.findings else SERIES_DESCRIPTION,
         is_complete=True,
-        contributing_equipment=[hd.ContributingEquipment(
-            manufacturer=MANUFACTURER, purpose_of_reference=codes.PROCESSING_EQUIPMENT,
-            manufacturer_model_name=MODEL_NAME, software_versions=algorithm.tag[:64],
-            contribution_description=f"Processing Algorithm: {MODEL_NAME}, model {algorithm.tag}")],
+        contributing_equipment=[contributing_equipment(algorithm)],
         coding_schemes=[CodingSchemeIdentificationItem(
             designator=codes.PRIVATE_SCHEME, name=codes.PRIVATE_SCHEME_NAME, responsible_organization=MANUFACTURER)],
         transfer_syntax_uid=ExplicitVRLittleEndian,
@@ -172,10 +199,12 @@ def _build(source: Dataset, prediction: Prediction, algorithm: Algorithm,
     return sr
 
 
-def _cautions(algorithm: Algorithm) -> hd.sr.ContainerContentItem:
+def _cautions(algorithm: Algorithm, prediction: Prediction) -> hd.sr.ContainerContentItem:
     container = hd.sr.ContainerContentItem(
         name=codes.QUALITATIVE_EVALUATIONS, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
-    texts = [SCREENING_CAUTION] + ([] if algorithm.clinical else [NOT_CLINICAL])
+    checks = ", ".join(dict.fromkeys(f.check for f in prediction.findings))
+    texts = ([NOT_SCREENING.format(checks=checks)] if prediction.findings else []) + [SCREENING_CAUTION] + \
+        ([] if algorithm.clinical else [NOT_CLINICAL])
     container.ContentSequence = hd.sr.ContentSequence([
         hd.sr.TextContentItem(name=codes.COMMENT, value=text, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
         for text in texts])

@@ -37,6 +37,9 @@ class Explanation:
     probability: float  # the calibrated probability /predict answers
     forest_output: float  # the forest's own probability of osteoporosis, what the map sums to (minus the base)
     expected_value: float  # the forest's mean output over its training data (TreeSHAP's base value)
+    # the intended-use content check's score on the same features (NaN: the model has no content check), so
+    # an explanation's result can say when the image is unlike the training images, as a prediction does
+    content_score: float = float("nan")
 
 
 def forest_and_calibrator(classifier: Any) -> tuple[Any, Any | None]:
@@ -131,18 +134,20 @@ def _to_input(grid: np.ndarray, size: int) -> np.ndarray:
 
 
 # The model service answers an explanation as one float32 array (BentoML moves numpy arrays between
-# services efficiently): rows 0..223 the map, then one row [probability, forest_output, expected_value].
-_SCALARS = 3
+# services efficiently): rows 0..223 the map, then one row [probability, forest_output, expected_value,
+# content_score].
+_SCALARS = 4
 
 
 def pack(explanation: Explanation) -> np.ndarray:
     size = explanation.attribution.shape[1]
     tail = np.zeros((1, size), np.float32)
-    tail[0, :_SCALARS] = (explanation.probability, explanation.forest_output, explanation.expected_value)
+    tail[0, :_SCALARS] = (explanation.probability, explanation.forest_output, explanation.expected_value,
+                          explanation.content_score)
     return np.concatenate([explanation.attribution.astype(np.float32), tail], axis=0)
 
 
 def unpack(packed: np.ndarray) -> Explanation:
     packed = np.asarray(packed, dtype=np.float32)
-    probability, forest_output, expected_value = (float(v) for v in packed[-1, :_SCALARS])
-    return Explanation(packed[:-1], probability, forest_output, expected_value)
+    probability, forest_output, expected_value, content_score = (float(v) for v in packed[-1, :_SCALARS])
+    return Explanation(packed[:-1], probability, forest_output, expected_value, content_score)

@@ -45,9 +45,18 @@ def colorize(gray: np.ndarray, attribution: np.ndarray) -> np.ndarray:
     return np.round(255.0 * ((1.0 - alpha) * base + alpha * colour)).astype(np.uint8)
 
 
+def overlay_rgb(gray: np.ndarray, attribution: np.ndarray, max_side: int = MAX_SIDE) -> np.ndarray:
+    """The overlay of `attribution` on the decoded radiograph `gray` (2-D, [0, 1]) as RGB uint8, at the
+    radiograph's aspect: what the PNG shows and the DICOM Secondary Capture carries."""
+    return colorize(display_gray(gray, max_side), attribution)
+
+
 def overlay_png(gray: np.ndarray, attribution: np.ndarray, max_side: int = MAX_SIDE) -> bytes:
     """PNG bytes of the overlay of `attribution` on the decoded radiograph `gray` (2-D, [0, 1])."""
-    rgb = colorize(display_gray(gray, max_side), attribution)
+    return png_of(overlay_rgb(gray, attribution, max_side))
+
+
+def png_of(rgb: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(rgb, mode="RGB").save(buf, format="PNG", compress_level=1)  # speed over size: it is answered at once
     return buf.getvalue()

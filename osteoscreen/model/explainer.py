@@ -39,5 +39,7 @@ class Explainer:
         phi, forest_output = self.shap(pooled)
         attribution = spread(phi[0], self.features, maps)
         probability = float(self.bundle.classifier.predict_proba(pooled)[0, 1])
+        check = self.bundle.content_check
+        content_score = float(check.scores(pooled)[0]) if check is not None else float("nan")
         return Explanation(attribution.astype(np.float32), probability, float(forest_output[0]),
-                           self.shap.expected_value)
+                           self.shap.expected_value, content_score)

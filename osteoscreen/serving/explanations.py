@@ -6,11 +6,19 @@ batcher: each front worker admits at most `concurrency` running plus `queue` wai
 (OSTEOSCREEN_EXPLAIN_CONCURRENCY, default 1; OSTEOSCREEN_EXPLAIN_QUEUE, default 2) and refuses the rest at
 once (OverloadedError -> HTTP 503 / gRPC RESOURCE_EXHAUSTED); the model service runs them on their own
 thread, one at a time, beside the screening one. Bad input fails exactly as on /predict (same decoder).
+
+Intended use: an explanation carries the checks its image failed (DICOM header, and the content score the
+model service computes on the same features), as a flagged prediction does. DICOM results (`dicom=True`:
+the SR and the overlay as a Secondary Capture, `osteoscreen.dicom_results`) are a result a PACS stores, so
+they follow the operator's policy like Predict's: under `refuse` an image outside the intended use gets
+OutOfIntendedUseError (header checks before any model time), under `flag` an SR that says so. A non-DICOM
+input asking for them is refused before it takes a place in the queue.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -18,13 +26,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from osteoscreen.errors import ImageDecodeError, ModelUnavailableError, OverloadedError
+from osteoscreen.dicom_results import sr
+from osteoscreen.errors import ImageDecodeError, ModelUnavailableError, OutOfIntendedUseError, OverloadedError
 from osteoscreen.explain.attribution import unpack
-from osteoscreen.explain.overlay import overlay_png
+from osteoscreen.explain.overlay import overlay_rgb, png_of
 from osteoscreen.imaging.decode import decode_image, to_model_input
+from osteoscreen.intended_use.header import header_findings
+from osteoscreen.intended_use.policy import Policy, content_finding, enforce
+from osteoscreen.intended_use.rules import IntendedUse
 from osteoscreen.serving import metrics
 from osteoscreen.serving.inference import ModelInfo
-from osteoscreen.types import LABELS, Prediction
+from osteoscreen.types import LABELS, Finding, Prediction
 
 # The model service's explain call: one model input (224, 224, 1) -> the packed explanation.
 ExplainFn = Callable[[np.ndarray], Awaitable[np.ndarray]]
@@ -36,7 +48,7 @@ class ServedExplanation:
     attribution: np.ndarray  # float32 (224, 224), sums to forest_output - expected_value
     forest_output: float
     expected_value: float
-    overlay_png: bytes
+    overlay_png: bytes  # prediction.dicom carries the SR and the overlay as DICOM when they were asked for
 
 
 def _env_int(name: str, default: int) -> int:
@@ -49,27 +61,32 @@ def _env_int(name: str, default: int) -> int:
 
 class ExplainPath:
     def __init__(self, explain: ExplainFn, model_info: Callable[[], ModelInfo | None],
-                 concurrency: int | None = None, queue: int | None = None) -> None:
+                 concurrency: int | None = None, queue: int | None = None, policy: Policy | None = None) -> None:
         self._explain = explain
         self._model_info = model_info
+        self.policy = policy or Policy.from_env()
         self.concurrency = concurrency or _env_int("OSTEOSCREEN_EXPLAIN_CONCURRENCY", 1)
         self.queue = queue if queue is not None else _env_int("OSTEOSCREEN_EXPLAIN_QUEUE", 2)
         self.admitted = 0  # running + waiting, in this worker
         self._slots = asyncio.Semaphore(self.concurrency)
 
     async def explain(self, data: bytes, hint: str | None = None, timeout: float | None = None,
-                      protocol: str = "http") -> ServedExplanation:
-        """Explain one encoded image. Raises like `Predictor.predict` (ImageDecodeError, OverloadedError,
+                      protocol: str = "http", dicom: bool = False) -> ServedExplanation:
+        """Explain one encoded image; `dicom` also builds its DICOM results (DICOM input only). Raises like
+        `Predictor.predict` (ImageDecodeError and its DicomResultsError, OutOfIntendedUseError, OverloadedError,
         ModelUnavailableError, TimeoutError); counts the outcome under `protocol`."""
         started = time.perf_counter()
         outcome = "error"
         try:
-            result = await self._admitted(data, hint, timeout)
+            result = await self._admitted(data, hint, timeout, dicom)
             outcome = "ok"
             metrics.EXPLAIN_DURATION.observe(time.perf_counter() - started)
             return result
         except ImageDecodeError:
             outcome = "invalid_input"
+            raise
+        except OutOfIntendedUseError:
+            outcome = "intended_use"
             raise
         except OverloadedError:
             outcome = "overloaded"
@@ -83,26 +100,52 @@ class ExplainPath:
         finally:
             metrics.EXPLANATIONS.labels(protocol=protocol, outcome=outcome).inc()
 
-    async def _admitted(self, data: bytes, hint: str | None, timeout: float | None) -> ServedExplanation:
+    async def _admitted(self, data: bytes, hint: str | None, timeout: float | None,
+                        dicom: bool) -> ServedExplanation:
         info = self._model_info()
         if info is None:
             raise ModelUnavailableError("the model is still loading; retry shortly")
+        if dicom:
+            sr.require_dicom(data, hint)  # the cheap check, before a place in the queue
         if self.admitted >= self.concurrency + self.queue:
             raise OverloadedError(f"explanations busy: {self.admitted} admitted (limit {self.concurrency} running + "
                                   f"{self.queue} waiting); retry later. Screening (/predict, Predict) is not affected")
+        rules = IntendedUse.from_dict(info.intended_use)
         self.admitted += 1
         metrics.EXPLAIN_INFLIGHT.inc()
         try:
             async with asyncio.timeout(timeout):
-                gray = await asyncio.to_thread(decode_image, data, hint)
-                image = await asyncio.to_thread(to_model_input, gray)
+                gray, image, found = await asyncio.to_thread(_read, data, hint, rules, dicom)
+                if dicom:
+                    enforce([found], self.policy)  # refuse on the header before spending model time
                 async with self._slots:
                     explanation = unpack(await self._explain(image))
-                png = await asyncio.to_thread(overlay_png, gray, explanation.attribution)
+                content = content_finding(explanation.content_score, rules.content_cutoff)
+                found = found + ([content] if content else [])
+                if dicom:
+                    enforce([found], self.policy)
+                rgb = await asyncio.to_thread(overlay_rgb, gray, explanation.attribution)
+                png = await asyncio.to_thread(png_of, rgb)
+                label = LABELS[1] if explanation.probability >= info.threshold else LABELS[0]
+                prediction = Prediction(explanation.probability, label, info.threshold, info.name, info.version,
+                                        findings=tuple(found))
+                if dicom:
+                    algorithm = sr.Algorithm(info.name, info.version, info.backbone, info.clinical)
+                    results = await asyncio.to_thread(sr.to_results, data, prediction, algorithm, hint, (), rgb)
+                    prediction = dataclasses.replace(prediction, dicom=results)
         finally:
             self.admitted -= 1
             metrics.EXPLAIN_INFLIGHT.dec()
-        label = LABELS[1] if explanation.probability >= info.threshold else LABELS[0]
-        prediction = Prediction(explanation.probability, label, info.threshold, info.name, info.version)
         return ServedExplanation(prediction, explanation.attribution, explanation.forest_output,
                                  explanation.expected_value, png)
+
+
+def _read(data: bytes, hint: str | None, rules: IntendedUse,
+          dicom: bool) -> tuple[np.ndarray, np.ndarray, list[Finding]]:
+    """Decoded radiograph, model input, and what the DICOM header says against the intended use. Decoding
+    first: undecodable input is a 400 whatever its header says; then, for DICOM results, the identifiers a PACS
+    files them by (a 400 too), all before any model time."""
+    gray = decode_image(data, hint)
+    if dicom:
+        sr.read_source(data, hint)
+    return gray, to_model_input(gray), header_findings(data, hint, rules)

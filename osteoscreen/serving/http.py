@@ -1,6 +1,8 @@
 """`POST /predict` over HTTP: the image as multipart field `image` or as the raw request body; the optional
 header `X-Request-Timeout` (seconds, default and cap 60) is the caller's deadline. With `Accept:
-application/dicom` (DICOM input only) the answer is the DICOM SR file a PACS stores, the result in headers.
+application/dicom` (DICOM input only) the answer is the DICOM SR file a PACS stores, the result in headers;
+`POST /explain` with it answers the SR and the explanation overlay (a Secondary Capture) together, as DICOMweb
+carries several instances: `multipart/related; type="application/dicom"`.
 header `X-Request-Timeout` (seconds, default and cap 60) is the caller's deadline. An image outside the model's
 intended use gets 422 with the reason (policy `refuse`), or the answer plus `out_of_intended_use` (policy `flag`).
 
@@ -77,17 +79,46 @@ def _wants_dicom(request: Request) -> bool:
     return False
 
 
-def _dicom_response(prediction: Prediction) -> Response:
-    """The SR as the body (result images, once there are any, travel over gRPC); the result in headers too, so
-    a caller need not parse DICOM to route it."""
+def _wants_dicom_parts(request: Request) -> bool:
+    """`Accept: application/dicom`, or DICOMweb's `multipart/related; type="application/dicom"` (q > 0)."""
+    if _wants_dicom(request):
+        return True
+    for media_range in request.headers.get("accept", "").split(","):
+        media_type, *params = (part.strip().lower() for part in media_range.split(";"))
+        params = [p.replace(" ", "").replace('"', "") for p in params]
+        if media_type == "multipart/related" and "type=application/dicom" in params:
+            return not any(p in ("q=0", "q=0.0", "q=0.00", "q=0.000") for p in params)
+    return False
+
+
+def _dicom_response(prediction: Prediction, with_images: bool = False) -> Response:
+    """The SR as the body (`with_images`: the SR, then its result images, as one multipart/related answer); the
+    result in headers too, so a caller need not parse DICOM to route it."""
     assert prediction.dicom is not None
-    return Response(prediction.dicom.sr, media_type="application/dicom", headers={
+    headers = {
         "X-OsteoScreen-Probability": f"{prediction.probability:.6f}",
         "X-OsteoScreen-Label": prediction.label,
         "X-OsteoScreen-Threshold": f"{prediction.threshold:.6f}",
         "X-OsteoScreen-Model": f"{prediction.model}:{prediction.version}",
         "X-OsteoScreen-SR-Instance-UID": prediction.dicom.sr_sop_instance_uid,
-    })
+    }
+    if prediction.findings:  # the SR says so too; a router need not parse it to keep it out of a worklist
+        headers["X-OsteoScreen-Outside-Intended-Use"] = ",".join(dict.fromkeys(f.check for f in prediction.findings))
+    if not with_images:
+        return Response(prediction.dicom.sr, media_type="application/dicom", headers=headers)
+    body, content_type = multipart_related([prediction.dicom.sr, *prediction.dicom.images])
+    return Response(body, headers={**headers, "Content-Type": content_type})
+
+
+def multipart_related(instances: list[bytes]) -> tuple[bytes, str]:
+    """DICOM instances as one `multipart/related; type="application/dicom"` body (RFC 2387, DICOMweb PS3.18
+    8.6.1.2: each part a whole Part 10 file), and its Content-Type with the boundary."""
+    boundary = uuid.uuid4().hex
+    while any(boundary.encode() in part for part in instances):  # a boundary must not occur in the data
+        boundary = uuid.uuid4().hex
+    mark = f"--{boundary}".encode()
+    body = b"".join(mark + b"\r\nContent-Type: application/dicom\r\n\r\n" + part + b"\r\n" for part in instances)
+    return body + mark + b"--\r\n", f'multipart/related; type="application/dicom"; boundary={boundary}'
 
 
 def _hint(content_type: str | None) -> str | None:
@@ -151,9 +182,11 @@ def _wants_png(accept: str) -> bool:
 
 
 async def explain(request: Request) -> Response:
-    """`POST /explain`: the same input as /predict; answers the PNG overlay (`Accept: image/png`) or JSON with
-    the prediction and the map. Its own queue (`osteoscreen.serving.explanations`): never slows /predict.
-    Refusals are counted by `osteoscreen_explanations_total`, not among the screening rejections."""
+    """`POST /explain`: the same input as /predict; answers the PNG overlay (`Accept: image/png`), JSON with
+    the prediction and the map, or (`Accept: application/dicom`, DICOM input only) the SR and the overlay as a
+    DICOM Secondary Capture in one multipart/related answer. Its own queue (`osteoscreen.serving.explanations`):
+    never slows /predict. Refusals are counted by `osteoscreen_explanations_total`, not among the screening
+    rejections."""
     explainer = getattr(request.app.state, "explainer", None)
     if explainer is None:
         return _error(503, "the server is starting; retry shortly")
@@ -162,14 +195,19 @@ async def explain(request: Request) -> Response:
         return _error(400, f"header {TIMEOUT_HEADER} must be a positive number of seconds")
     try:
         data, hint = await _read_image(request)
-        result = await explainer.explain(data, hint, timeout=timeout, protocol="http")
+        dicom = _wants_dicom_parts(request)
+        result = await explainer.explain(data, hint, timeout=timeout, protocol="http", dicom=dicom)
     except ImageDecodeError as exc:
         return _error(400, str(exc))
+    except OutOfIntendedUseError as exc:
+        return _error(422, str(exc))
     except (OverloadedError, ModelUnavailableError) as exc:
         return _error(503, str(exc))
     except TimeoutError:
         return _error(504, f"no explanation within {timeout:g}s")
     p = result.prediction
+    if dicom:
+        return _dicom_response(p, with_images=True)
     summary = {"probability": p.probability, "label": p.label, "threshold": p.threshold,
                "model": f"{p.model}:{p.version}"}
     if _wants_png(request.headers.get("accept", "")):
@@ -178,6 +216,7 @@ async def explain(request: Request) -> Response:
     return JSONResponse({
         **summary, "forest_output": result.forest_output, "expected_value": result.expected_value,
         "shape": list(result.attribution.shape), "map": result.attribution.tolist(),
+        **({"out_of_intended_use": [asdict(f) for f in p.findings]} if p.findings else {}),
     })
 
 

@@ -84,8 +84,8 @@ OUT_OF_INTENDED_USE = bentoml.metrics.Counter(
 )
 EXPLANATIONS = bentoml.metrics.Counter(
     name="osteoscreen_explanations_total",
-    documentation="Explanation requests by protocol (http, grpc) and outcome (ok, invalid_input, overloaded, "
-                  "deadline, unavailable, error); counted apart from predictions.",
+    documentation="Explanation requests by protocol (http, grpc) and outcome (ok, invalid_input, intended_use, "
+                  "overloaded, deadline, unavailable, error); counted apart from predictions.",
     labelnames=["protocol", "outcome"],
 )
 EXPLAIN_DURATION = bentoml.metrics.Histogram(

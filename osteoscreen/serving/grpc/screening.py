@@ -100,8 +100,9 @@ class ScreeningServicer(pb_grpc.ScreeningServicer):
         remaining = context.time_remaining()
         if remaining is not None and remaining <= 0:
             raise TimeoutError("the deadline passed before the request could be queued")
+        # dicom_results: the SR and the overlay as a Secondary Capture, in prediction.dicom_sr / dicom_images
         result = await self._explainer.explain(request.image, hints[0] if hints else None, timeout=remaining,
-                                               protocol="grpc")
+                                               protocol="grpc", dicom=request.dicom_results)
         return pb.ExplainResponse(
             prediction=to_response(result.prediction, request.request_id),
             map=result.attribution.ravel().tolist(), map_shape=list(result.attribution.shape),
