@@ -116,7 +116,7 @@ class Model:
     @bentoml.api
     async def explain(self, image: np.ndarray) -> np.ndarray:
         """(224, 224, 1) float32 -> (225, 224): the attribution map, then [probability, forest output,
-        expected value] (`osteoscreen.explain.attribution.pack`)."""
+        expected value, content-check score] (`osteoscreen.explain.attribution.pack`)."""
         from osteoscreen.explain.attribution import pack
 
         loop = asyncio.get_running_loop()
