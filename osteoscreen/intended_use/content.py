@@ -3,8 +3,8 @@
 Score: the squared Mahalanobis distance of the classifier's own features (the backbone's pooled activations)
 to the training features, divided by their dimension, so that a typical training image scores about 1
 (Lee et al. 2018, "A simple unified framework for detecting out-of-distribution samples"). The features are
-standardised and the covariance is Ledoit-Wolf shrunk (scikit-learn), because a few hundred training
-images cannot estimate a 512 x 512 covariance on their own. It needs no labels and no examples of what to
+standardised (no feature's scale below the median feature's) and the covariance is Ledoit-Wolf shrunk
+(scikit-learn), because a few hundred training images cannot estimate a 512 x 512 covariance on their own. It needs no labels and no examples of what to
 refuse, and it is computed from the features the forest already needs: no extra network pass.
 
 The cut-off is chosen on the validation split (images the check was not fitted on) for a stated share of
@@ -40,6 +40,10 @@ class ContentCheck:
             raise ValueError(f"acceptance must be in (0.5, 1), got {acceptance}")
         train = np.asarray(train, dtype=np.float64)
         scaler = StandardScaler().fit(train)
+        # No feature's scale below the median feature's: a feature nearly constant over a few dozen training
+        # images would otherwise be divided by almost nothing, and any new image that moves it at all (the
+        # phantom's collimated margins did) would score far outside while looking like every other one.
+        scaler.scale_ = np.maximum(scaler.scale_, np.median(scaler.scale_))
         covariance = LedoitWolf().fit(scaler.transform(train))
         check = cls(scaler, covariance, math.inf, acceptance, len(train), len(validation))
         check.cutoff = choose_cutoff(check.scores(validation), acceptance)
