@@ -288,3 +288,19 @@ def test_a_component_override_of_the_levels_is_read():
     assert jpeg2000.read_main_header(codestream[:siz_end] + coc + codestream[siz_end:]).levels == 1
     with pytest.raises(ValueError):
         jpeg2000.read_main_header(codestream[:siz_end] + coc[:6])  # truncated main header
+
+
+def test_the_benchmark_compares_every_level_and_marks_the_served_one():
+    """`osteoscreen bench --j2k-reduce` (numbers reported, never asserted): one row per level discarded, the
+    served one marked, differences growing as levels go, and the module's settings left as they were."""
+    from pydicom.data import get_testdata_file
+
+    from osteoscreen.imaging.bench import compare_jpeg2000_reduce
+
+    report = compare_jpeg2000_reduce(get_testdata_file("RG3_J2KI.dcm"), repeats=1)
+    assert report["shape"] == [1760, 1760] and report["full_cpu_ms"] > 0
+    rows = report["reduced"]
+    assert [r["levels"] for r in rows] == [1, 2, 3, 4, 5] and [r["shape"][0] for r in rows] == [880, 440, 220, 110, 55]
+    assert [r["levels"] for r in rows if r["served"]] == [1]
+    assert [r["mean_abs_diff"] for r in rows] == sorted(r["mean_abs_diff"] for r in rows)
+    assert jpeg2000.ENABLED and jpeg2000.FLOOR == 448

@@ -7,6 +7,7 @@ reasons that have nothing to do with the decoder.
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -31,8 +32,6 @@ def measure_decode(path: Path, min_seconds: float = 2.0, min_calls: int = 3) -> 
 
 
 def run_decode(paths: list[Path], min_seconds: float = 2.0) -> str:
-    import os
-
     return json.dumps({"cpu_count": os.cpu_count(), "decode": [measure_decode(p, min_seconds) for p in paths]},
                       indent=2)
 
@@ -86,5 +85,5 @@ def compare_jpeg2000_reduce(path: Path, repeats: int = 7) -> dict:
 
 
 def run_jpeg2000_reduce(paths: list[Path], repeats: int = 7) -> str:
-    return json.dumps({"cpu_count": __import__("os").cpu_count(),
+    return json.dumps({"cpu_count": os.cpu_count(),
                        "jpeg2000_reduce": [compare_jpeg2000_reduce(p, repeats) for p in paths]}, indent=2)
