@@ -108,6 +108,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
         print(run_decode(args.decode))
         return 0
+    if args.j2k_reduce:
+        from osteoscreen.imaging.bench import run_jpeg2000_reduce
+
+        print(run_jpeg2000_reduce(args.j2k_reduce))
+        return 0
     from osteoscreen.model import bench
 
     print(bench.run_raw(backbone=args.backbone, model_tag=args.model, batch_sizes=args.batch_sizes,
@@ -219,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: $OSTEOSCREEN_PRECISION, else auto); e.g. --precision float32 auto")
     p.add_argument("--decode", type=Path, nargs="+", metavar="FILE",
                    help="instead: time decoding these files to model input (ms per file), as JSON")
+    p.add_argument("--j2k-reduce", type=Path, nargs="+", metavar="FILE",
+                   help="instead: JPEG 2000 DICOMs decoded in full vs at reduced resolution (CPU ms, model-input "
+                        "difference in grey levels), as JSON")
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("model-exists", help="exit 0 when a model is registered in the BentoML store")

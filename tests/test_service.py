@@ -179,7 +179,10 @@ def test_real_jpeg2000_dicom_radiograph_through_grpc(server, channel):
     compressed = stub.Predict(pb.PredictRequest(image=real_radiograph("RG1_J2KR"), request_id="dcm"), timeout=120)
     plain = stub.Predict(pb.PredictRequest(image=real_radiograph("RG1_UNCR")), timeout=120)
     assert compressed.request_id == "dcm" and 0.0 <= compressed.probability <= 1.0
-    assert compressed.probability == pytest.approx(plain.probability, abs=1e-5)  # lossless: same pixels
+    # Lossless, but the JPEG 2000 film is decoded two wavelet levels down (osteoscreen.imaging.jpeg2000): the model
+    # input moves by ~0.1 grey level on average, the probability by <= 0.012 on the demo model (README); the
+    # bound is the bfloat16 numerics gate's.
+    assert compressed.probability == pytest.approx(plain.probability, abs=0.02)
 
 
 def test_a_chest_film_is_answered_and_flagged_under_the_flag_policy(server, channel):

@@ -1,6 +1,7 @@
 """The one path from uploaded bytes to a validated model input, shared by training and serving.
 
-    bytes --decode_image--> 2-D float32 in [0, 1], native resolution, bone bright
+    bytes --decode_image--> 2-D float32 in [0, 1], native resolution (a large JPEG 2000 DICOM: a reduced
+                            wavelet level, >= 448 px a side), bone bright
           --to_model_input--> float32 (224, 224, 1), intensities 0..255
 
 `load_image` does both and is what everyone calls. Every way the bytes can be unusable ends in an
@@ -108,8 +109,8 @@ def load_image(data: bytes, format_hint: str | None = None, size: int = INPUT_SI
 
 
 def decode_image(data: bytes, format_hint: str | None = None) -> np.ndarray:
-    """Decode an uploaded image to a 2-D float32 array in [0, 1] at its native resolution, displayed
-    as a radiologist would see it (bone bright).
+    """Decode an uploaded image to a 2-D float32 array in [0, 1] at its native resolution (a large JPEG 2000
+    DICOM at a reduced one, `osteoscreen.imaging.jpeg2000`), displayed as a radiologist would see it (bone bright).
 
     `format_hint` ("png", "jpeg", "dicom", a MIME type, or None) is advisory: the content decides,
     and a hint the content contradicts is an error rather than something to guess around. The one

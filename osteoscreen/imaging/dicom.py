@@ -9,7 +9,8 @@ Order of operations (DICOM PS3.4 N.2, the grayscale pipeline a viewer applies):
    dimensions, a decoder for the transfer syntax, a JPEG / JPEG 2000 codestream whose own size
    matches Rows x Columns, a deflated dataset that inflates within the byte limit) *before* any
    pixel data is decoded, so a decompression bomb costs nothing;
-2. decode the stored values (pydicom 3 with the pylibjpeg plugins for compressed syntaxes);
+2. decode the stored values (pydicom 3 with the pylibjpeg plugins for compressed syntaxes; a large
+   grayscale JPEG 2000 frame at a reduced resolution level instead, `osteoscreen.imaging.jpeg2000`);
 3. modality LUT (Rescale Slope/Intercept or a Modality LUT Sequence);
 4. VOI LUT or window (the first one, which DICOM makes the default); without one, the min..max of
    the modality values;
@@ -44,6 +45,7 @@ from pydicom.uid import (
 )
 
 from osteoscreen.errors import ImageDecodeError
+from osteoscreen.imaging import jpeg2000
 from osteoscreen.imaging.limits import check_dimensions
 
 __all__ = [
@@ -80,6 +82,10 @@ def decode_dicom(
         # pydicom will "parse" any bytes when forced; without an image in them it was not DICOM.
         raise ImageDecodeError("the content is not a DICOM image (no DICOM preamble and no pixel data)")
     photometric = _check_header(ds, max_pixels=max_pixels, min_side=min_side)
+    # A large JPEG 2000 film is decoded at the resolution the model needs, not the scanner's; None: in full.
+    reduced = jpeg2000.decode_reduced(ds) if photometric in MONOCHROME_INTERPRETATIONS else None
+    if reduced is not None:
+        return reduced.align(_monochrome_to_unit(reduced.pixels, ds, invert=photometric == "MONOCHROME1"))
     pixels = _decode_pixels(ds)
     if photometric in COLOR_INTERPRETATIONS:
         return _color_to_unit(pixels, ds)
