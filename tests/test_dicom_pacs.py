@@ -24,6 +24,7 @@ import requests
 from PIL import Image
 
 from loadtest.server import free_port
+from osteoscreen import phantom
 from osteoscreen.dicom_results import reader, sr
 from osteoscreen.serving.grpc import screening
 from tests.inputs import good_png
@@ -104,7 +105,8 @@ def stored_round_trip(pacs: Orthanc, source_bytes: bytes, sr_bytes: bytes) -> re
 def test_results_round_trip_through_a_real_pacs(server, orthanc, registered_model, tmp_path):
     card = json.loads(next((registered_model["root"] / "bentoml" / "models" / "osteoscreen").glob("*/model_card.json"))
                       .read_text())
-    assert card["training_data"] == {"synthetic": True}  # osteoscreen synth made the data: a demo model
+    # osteoscreen synth made the data: a demo model, and which version of the phantom drew it
+    assert card["training_data"] == {"synthetic": True, "phantom_version": phantom.VERSION}
 
     # gRPC, our own API: RG3 (distal tibia, JPEG 2000)
     rg3 = source("RG3_J2KR")
