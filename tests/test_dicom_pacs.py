@@ -140,11 +140,7 @@ def test_results_round_trip_through_a_real_pacs(server, orthanc, registered_mode
     assert refused.status_code == 400 and "DICOM input" in refused.json()["error"]
 
     # the CLI against the server: --dicom-out writes the SR, named by its UID
-    (tmp_path / "in.dcm").write_bytes(rg3)
-    cli = subprocess.run([str(BIN / "osteoscreen"), "predict", str(tmp_path / "in.dcm"), "--server",
-                          server.grpc_target, "--dicom-out", str(tmp_path / "out")],
-                         capture_output=True, text=True, timeout=300, env={**os.environ, **registered_model["env"]})
-    assert cli.returncode == 0, cli.stderr
+    cli = _cli_dicom_out("predict", rg3, tmp_path, server, registered_model["env"])
     line = json.loads(cli.stdout.strip().splitlines()[-1])
     (written,) = line["dicom"]
     assert Path(written).parent == tmp_path / "out" and Path(written).name.startswith("SR_")
@@ -211,11 +207,7 @@ def test_explanation_results_round_trip_through_a_real_pacs(server, orthanc, reg
     assert png_refused.status_code == 400 and "DICOM input" in png_refused.json()["error"]
 
     # the CLI against the server: --dicom-out writes the SR and the overlay it references
-    (tmp_path / "in.dcm").write_bytes(rg3)
-    cli = subprocess.run([str(BIN / "osteoscreen"), "explain", str(tmp_path / "in.dcm"), "--server",
-                          server.grpc_target, "--dicom-out", str(tmp_path / "out")],
-                         capture_output=True, text=True, timeout=300, env={**os.environ, **registered_model["env"]})
-    assert cli.returncode == 0, cli.stderr
+    cli = _cli_dicom_out("explain", rg3, tmp_path, server, registered_model["env"])
     line = json.loads(cli.stdout.strip().splitlines()[-1])
     written_sr, written_image = (Path(p) for p in line["dicom"])
     assert written_sr.parent == tmp_path / "out" and "overlay" not in line  # no --out: no PNG
@@ -270,3 +262,13 @@ def test_local_explain_writes_the_sr_and_the_overlay(registered_model, tmp_path)
     with Image.open(line["overlay"]) as png:
         np.testing.assert_array_equal(image.pixel_array, np.asarray(png))
     assert PATIENT_ID not in cli.stderr + cli.stdout
+
+
+def _cli_dicom_out(command: str, source: bytes, tmp_path: Path, server, env: dict) -> subprocess.CompletedProcess:
+    """`osteoscreen <command> in.dcm --server ... --dicom-out out` against the running server, succeeded."""
+    (tmp_path / "in.dcm").write_bytes(source)
+    cli = subprocess.run([str(BIN / "osteoscreen"), command, str(tmp_path / "in.dcm"), "--server", server.grpc_target,
+                          "--dicom-out", str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, **env})
+    assert cli.returncode == 0, cli.stderr
+    return cli
