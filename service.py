@@ -40,7 +40,7 @@ logging.getLogger("osteoscreen").setLevel(logging.INFO)  # start-up facts (preci
 
 MODEL_TAG = os.environ.get("OSTEOSCREEN_MODEL_TAG", "osteoscreen:latest")
 MAX_BATCH = int(os.environ.get("OSTEOSCREEN_MAX_BATCH", "32"))
-HTTP_MAX_CONCURRENT = int(os.environ.get("OSTEOSCREEN_HTTP_MAX_CONCURRENT", "16"))
+HTTP_MAX_CONCURRENT = int(os.environ.get("OSTEOSCREEN_HTTP_MAX_CONCURRENT", "32"))
 FRONT_WORKERS = int(os.environ.get("OSTEOSCREEN_FRONT_WORKERS", "1"))
 _model_resources = {"gpu": 1} if os.environ.get("OSTEOSCREEN_GPU") == "1" else {"cpu": "1"}
 TLS = TLSSettings.from_env()
