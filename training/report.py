@@ -27,6 +27,14 @@ def write(reports: Path, metrics: dict, y_test: np.ndarray, p_test: np.ndarray) 
     (reports / "report.md").write_text(markdown(metrics))
 
 
+def save(fig: plt.Figure, path: Path) -> None:
+    """Write a report figure and close it: pyplot keeps every open figure alive, and a long evaluation
+    that draws many would otherwise hold them all."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _roc(path: Path, y, p, metrics) -> None:
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     RocCurveDisplay.from_predictions(y, p, ax=ax, name=f"{metrics['backbone']}+RF")
@@ -35,9 +43,7 @@ def _roc(path: Path, y, p, metrics) -> None:
     ax.plot(1 - metrics["specificity"], metrics["sensitivity"], "o", color="crimson", label="operating point")
     ax.set_title(f"ROC, test split (AUC {metrics['auc']:.3f}, 95% CI {lo:.3f}-{hi:.3f})", fontsize=9)
     ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path)
 
 
 def _confusion(path: Path, y, p, threshold: float) -> None:
@@ -45,18 +51,14 @@ def _confusion(path: Path, y, p, threshold: float) -> None:
     ConfusionMatrixDisplay.from_predictions(y, (p >= threshold).astype(int), display_labels=list(LABELS), ax=ax,
                                             colorbar=False)
     ax.set_title(f"Test split at threshold {threshold:.3f}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path)
 
 
 def _calibration(path: Path, y, p) -> None:
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     CalibrationDisplay.from_predictions(y, p, n_bins=8, strategy="quantile", ax=ax, name="calibrated RF")
     ax.set_title("Calibration, test split", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path)
 
 
 def markdown(m: dict) -> str:

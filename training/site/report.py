@@ -14,6 +14,7 @@ from sklearn.calibration import CalibrationDisplay  # noqa: E402
 from sklearn.metrics import RocCurveDisplay  # noqa: E402
 
 from training.evaluate import METRICS  # noqa: E402
+from training.report import save  # noqa: E402
 
 CALIBRATION_ROWS = (("slope", "calibration slope (1 = ideal)"), ("intercept", "calibration intercept (0 = ideal)"),
                     ("brier", "Brier score"), ("ece", "expected calibration error"),
@@ -32,9 +33,7 @@ def reliability(path: Path, y: np.ndarray, curves: dict[str, np.ndarray], title:
         CalibrationDisplay.from_predictions(y, p, n_bins=10, strategy="uniform", ax=ax, name=name)
     ax.set_title(title, fontsize=9)
     ax.legend(loc="upper left", fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path)
 
 
 def _roc(path: Path, y, p, record: dict) -> None:
@@ -49,9 +48,7 @@ def _roc(path: Path, y, p, record: dict) -> None:
     ax.set_title(f"ROC, site data (AUC {record['at_model_threshold']['auc']:.3f}, 95% CI {lo:.3f}-{hi:.3f})",
                  fontsize=9)
     ax.legend(loc="lower right", fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path)
 
 
 def _ci(m: dict, name: str) -> str:
