@@ -51,9 +51,9 @@ class FakeModelService:
         return np.stack([np.full(n, 0.7), np.full(n, 0.01), np.full(n, n)], axis=1)
 
 
-def watched(model: FakeModelService) -> tuple[InferencePath, ModelWatch]:
+def watched(model: FakeModelService, settings: WatchSettings = FAST) -> tuple[InferencePath, ModelWatch]:
     path = InferencePath(remote_infer(model.infer), policy=Policy.FLAG)
-    return path, ModelWatch(path, remote_info(model.info), FAST)
+    return path, ModelWatch(path, remote_info(model.info), settings)
 
 
 def test_a_dead_model_is_not_ready_at_once_and_ready_again_when_it_answers() -> None:
@@ -81,8 +81,7 @@ def test_a_starting_model_is_found_ready_soon_after_it_answers_not_one_interval_
     async def main() -> None:
         model = FakeModelService()
         model.state = "dead"
-        path = InferencePath(remote_infer(model.infer), policy=Policy.FLAG)
-        watch = ModelWatch(path, remote_info(model.info), WatchSettings(interval_s=10.0, timeout_s=0.2))
+        path, watch = watched(model, WatchSettings(interval_s=10.0, timeout_s=0.2))
         task = asyncio.get_running_loop().create_task(watch.run())
         try:
             await asyncio.sleep(0.3)
