@@ -9,6 +9,7 @@ import pydicom
 import pytest
 from PIL import Image, ImageOps
 from pydicom.data import get_testdata_file
+from pydicom.pixels import apply_modality_lut, apply_windowing
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ImplicitVRLittleEndian
 
@@ -267,6 +268,68 @@ def test_dicom_voi_lut_sequence_is_applied():
     ds.VOILUTSequence = [item]
     gray = decode_image(_dicom_bytes(ds))
     np.testing.assert_allclose(gray, np.minimum(4095, 32.0 * stored) / 4095.0, atol=1e-6)
+
+
+def _pydicom_display(stored: np.ndarray, ds: Dataset) -> np.ndarray:
+    """What pydicom's own modality LUT and windowing show, over their output range, inverted for MONOCHROME1:
+    the reference the fast linear-window path must reproduce."""
+    shown = apply_windowing(apply_modality_lut(stored, ds), ds)
+    black, white = apply_windowing(np.array([-np.inf, np.inf]), ds)
+    unit = np.clip((shown - black) / (white - black), 0.0, 1.0)
+    return 1.0 - unit if ds.PhotometricInterpretation == "MONOCHROME1" else unit
+
+
+# stored dtype, rescale (slope, intercept) or None, window centre(s), width(s), VOI LUT function, photometric
+_LINEAR_WINDOWS = {
+    "plain_window": (np.uint16, None, 2048, 1000, None, "MONOCHROME2"),
+    "monochrome1": (np.uint16, None, 2048, 1000, "LINEAR", "MONOCHROME1"),
+    "linear_exact": (np.uint16, None, 1500, 700, "LINEAR_EXACT", "MONOCHROME2"),
+    "ct_rescale_signed": (np.int16, (1.0, -1024.0), 40, 400, None, "MONOCHROME2"),
+    "negative_slope": (np.uint16, (-0.5, 3000.0), 1800, 900, None, "MONOCHROME1"),
+    "fractional_slope": (np.uint16, (0.25, 10.0), 500, 300.5, None, "MONOCHROME2"),
+    "several_windows_first_wins": (np.uint16, None, [1000, 3000], [500, 2000], None, "MONOCHROME2"),
+    "window_wider_than_data": (np.uint16, None, 2048, 90000, None, "MONOCHROME2"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_LINEAR_WINDOWS))
+def test_linear_window_fast_path_equals_pydicom(case):
+    """Linear rescale + linear window are computed as one float32 multiply-add (`dicom._linear_window`): it must
+    be taken for these headers and show what pydicom's float64 pipeline shows, to float32 rounding."""
+    dtype, rescale, center, width, function, photometric = _LINEAR_WINDOWS[case]
+    info = np.iinfo(dtype)
+    low, high = (-2000, 3000) if info.min < 0 else (0, 4095)
+    stored = np.random.default_rng(7).integers(low, high + 1, size=(64, 80)).astype(dtype)
+    stored[0, :8] = [low, high, 0, 1, 2047, 2048, 2049, 1023]  # the window's edges and the data's ends
+    ds = _dicom_dataset(stored, photometric=photometric, bits_stored=12 if info.min >= 0 else 16)
+    if rescale:
+        ds.RescaleSlope, ds.RescaleIntercept = rescale
+    ds.WindowCenter, ds.WindowWidth = center, width
+    if function:
+        ds.VOILUTFunction = function
+    assert dicom_mod._linear_window(ds) is not None  # the fast path is what this test checks
+    gray = decode_image(_dicom_bytes(ds))
+    assert gray.dtype == np.float32
+    np.testing.assert_allclose(gray, _pydicom_display(stored, ds), atol=2e-6, rtol=0)
+
+
+@pytest.mark.parametrize("change", ["sigmoid", "step_window", "flat_rescale"])
+def test_other_windows_take_pydicoms_path(change):
+    """What the one multiply-add cannot express goes through pydicom and still shows what pydicom shows."""
+    stored = np.tile(np.linspace(0, 4095, 120).round().astype(np.uint16), (40, 1))
+    ds = _dicom_dataset(stored, bits_stored=12)
+    ds.WindowCenter, ds.WindowWidth = 2048, 1000
+    if change == "sigmoid":
+        ds.VOILUTFunction = "SIGMOID"
+    elif change == "step_window":
+        ds.WindowWidth = 1  # LINEAR with width 1: black up to the centre, white above
+    else:
+        ds.RescaleSlope, ds.RescaleIntercept = 0, 100
+    assert dicom_mod._linear_window(ds) is None
+    if change == "flat_rescale":  # every pixel the same value: refused as blank, whichever path
+        _expect_error(_dicom_bytes(ds), "contrast", call=load_image)
+        return
+    np.testing.assert_allclose(decode_image(_dicom_bytes(ds)), _pydicom_display(stored, ds), atol=1e-6)
 
 
 def test_dicom_without_preamble_needs_the_hint():

@@ -13,7 +13,8 @@ Order of operations (DICOM PS3.4 N.2, the grayscale pipeline a viewer applies):
    grayscale JPEG 2000 frame at a reduced resolution level instead, `osteoscreen.imaging.jpeg2000`);
 3. modality LUT (Rescale Slope/Intercept or a Modality LUT Sequence);
 4. VOI LUT or window (the first one, which DICOM makes the default); without one, the min..max of
-   the modality values;
+   the modality values (a linear rescale with a linear window, the common case, is one float32
+   multiply-add for 3-5 together: `_linear_window`);
 5. normalise to [0, 1] over the VOI output range, then invert MONOCHROME1 so bone is bright.
 Colour images (RGB, YBR_*) skip 3-4 (those modules do not apply to colour) and become luminance.
 """
@@ -31,6 +32,7 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import generate_fragments
 from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut, apply_voi, apply_windowing, get_decoder
 from pydicom.uid import (
     UID,
@@ -405,8 +407,10 @@ def _decode_pixels(ds: Dataset) -> np.ndarray:
 def _monochrome_to_unit(pixels: np.ndarray, ds: Dataset, *, invert: bool) -> np.ndarray:
     """Modality LUT, VOI, normalise, invert MONOCHROME1: stored values -> what a viewer shows."""
     try:
-        values = apply_modality_lut(pixels, ds)
-        display, black, white = _apply_voi(values, ds)
+        affine = _linear_window(ds)
+        if affine is None:
+            values = apply_modality_lut(pixels, ds)
+            display, black, white = _apply_voi(values, ds)
     except ImageDecodeError:
         raise
     except MemoryError:
@@ -415,6 +419,8 @@ def _monochrome_to_unit(pixels: np.ndarray, ds: Dataset, *, invert: bool) -> np.
         raise ImageDecodeError("the DICOM modality or VOI LUT (window) is invalid") from exc
 
     _warn_on_presentation_conflict(ds, invert)
+    if affine is not None:
+        return _affine_to_unit(pixels, *affine, invert=invert)
     gray = _normalise(display, black, white)
     if invert:
         np.subtract(1.0, gray, out=gray)
@@ -442,6 +448,50 @@ def _apply_voi(values: np.ndarray, ds: Dataset) -> tuple[np.ndarray, float, floa
         ends = apply_windowing(np.array([-np.inf, np.inf]), ds)
         return apply_windowing(values, ds), float(ends[0]), float(ends[1])
     return values, float(values.min()), float(values.max())
+
+
+def _linear_window(ds: Dataset) -> tuple[float, float] | None:
+    """(scale, offset) with which stored value v is shown as clip(v * scale + offset, 0, 1), when the
+    rescale and the window are both linear (the usual CR/DX/CT header); None sends the image through
+    pydicom's general path (LUT sequences, SIGMOID, degenerate values).
+
+    Why: pydicom's apply_windowing works in float64 with boolean masks and fancy indexing, ~24 ms of CPU
+    for a 3.6-megapixel film (more than the rest of the decode together); rescale, window and the
+    normalisation to [0, 1] collapse into one multiply-add on float32, ~6 ms. The result equals pydicom's
+    up to float32 rounding (tests/test_imaging.py compares the two over rescales, signs and window kinds):
+    PS3.3 C.11.2.1.2.1 maps x <= c - 0.5 - (w - 1) / 2 to black, x > c - 0.5 + (w - 1) / 2 to white and
+    linearly between, which is clip((x - (c - 0.5)) / (w - 1) + 0.5) on [0, 1] (LINEAR_EXACT: c and w
+    as they are)."""
+    if _has_voi_lut(ds) or ds.get("ModalityLUTSequence"):
+        return None
+    center, width = ds.get("WindowCenter"), ds.get("WindowWidth")
+    if center is None or width is None:
+        return None
+    function = str(ds.get("VOILUTFunction") or "LINEAR").strip().upper()
+    center = float(center[0] if isinstance(center, (list, tuple, MultiValue)) else center)
+    width = float(width[0] if isinstance(width, (list, tuple, MultiValue)) else width)
+    if function == "LINEAR":
+        center, width = center - 0.5, width - 1.0
+    elif function != "LINEAR_EXACT":
+        return None
+    slope, intercept = 1.0, 0.0
+    if "RescaleSlope" in ds and "RescaleIntercept" in ds:  # pydicom's rule: both, or neither applies
+        slope, intercept = float(ds.RescaleSlope), float(ds.RescaleIntercept)
+    if not (width > 0 and slope != 0 and all(map(np.isfinite, (center, width, slope, intercept)))):
+        return None  # a step window, a flat rescale, or nonsense: pydicom's path decides (or refuses)
+    low = center - width / 2
+    return slope / width, (intercept - low) / width
+
+
+def _affine_to_unit(pixels: np.ndarray, scale: float, offset: float, *, invert: bool) -> np.ndarray:
+    """clip(pixels * scale + offset, 0, 1) as float32 in place after one copy; MONOCHROME1's 1 - x folded in."""
+    if invert:
+        scale, offset = -scale, 1.0 - offset
+    gray = pixels.astype(np.float32)
+    gray *= np.float32(scale)
+    gray += np.float32(offset)
+    np.clip(gray, 0.0, 1.0, out=gray)
+    return gray
 
 
 def _has_voi_lut(ds: Dataset) -> bool:
