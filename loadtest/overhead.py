@@ -11,6 +11,7 @@ one core could feed the model with: the number that says whether one replica cou
 
 from __future__ import annotations
 
+import ssl
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -21,16 +22,17 @@ from loadtest.images import Sample
 MODEL_SERVICE = "osteoscreen-model"
 
 
-def scrape(url: str) -> dict[str, float]:
-    """`/metrics` samples as {name{labels}: value}, for the few series read here."""
+def scrape(url: str, context: ssl.SSLContext | None = None) -> dict[str, float]:
+    """`/metrics` samples as {name{labels}: value}, for the few series read here (`context`: a TLS server's)."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    with urllib.request.urlopen(f"{url}/metrics", timeout=30) as response:
+    with urllib.request.urlopen(f"{url}/metrics", timeout=30, context=context) as response:
         text = response.read().decode()
     out = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name.startswith(("osteoscreen_model_cpu_seconds", "osteoscreen_startup_seconds")):
+            if sample.name.startswith(("osteoscreen_model_cpu_seconds", "osteoscreen_startup_seconds",
+                                       "osteoscreen_batch_size_sum", "osteoscreen_batch_size_count")):
                 labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
                 out[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
     return out
@@ -38,6 +40,20 @@ def scrape(url: str) -> dict[str, float]:
 
 def model_cpu_seconds(url: str) -> float:
     return sum(v for k, v in scrape(url).items() if k.startswith("osteoscreen_model_cpu_seconds_total"))
+
+
+def batches(server) -> tuple[float, float]:
+    """(images, model calls) a `ServerProcess` has run so far: the difference over a load level is its mean batch
+    size, which says how much of the gap to the raw model's batch-32 speed is smaller batches rather than work
+    outside the model."""
+    samples = scrape(server.url, server.client_ssl)
+    return samples.get("osteoscreen_batch_size_sum", 0.0), samples.get("osteoscreen_batch_size_count", 0.0)
+
+
+def mean_batch(after: tuple[float, float], before: tuple[float, float]) -> float | None:
+    """Images per model call between two `batches()` readings; None when no call ran."""
+    calls = after[1] - before[1]
+    return round((after[0] - before[0]) / calls, 1) if calls > 0 else None
 
 
 def startup_phases(url: str) -> dict[str, float]:

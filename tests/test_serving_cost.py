@@ -11,7 +11,8 @@ import urllib.request
 
 from loadtest.clients import Clients
 from loadtest.images import build_mix
-from loadtest.overhead import cpu_by_role, measure_overhead, role, startup_phases
+from loadtest.bench import median_rounds
+from loadtest.overhead import batches, cpu_by_role, mean_batch, measure_overhead, role, startup_phases
 
 
 def test_processes_are_told_apart_by_their_command_line():
@@ -41,7 +42,27 @@ def test_served_precision_cost_and_startup_are_reported(server, registered_model
         async with Clients(server.url, server.grpc_target) as clients:
             return await measure_overhead(server, clients, "phantom PNG", mix.by_format["png"], "grpc", 6, concurrency=2)
 
+    before = batches(server)
     o = asyncio.run(run())
+    after = batches(server)
+    assert after[0] - before[0] == 6  # every image went through one model call, counted once
+    assert 1.0 <= mean_batch(after, before) <= 2.0  # two clients: batches of one or two
+    assert mean_batch(after, after) is None
     assert o.images == 6 and o.model_call_ms > 0 and o.front_ms > 0  # the counter moved; the front worked
     row = o.row()
     assert row["ceiling_images_per_s_per_core"] == round(1000 / o.outside_ms, 1)
+
+
+def test_rounds_report_the_median_round_and_the_spread():
+    def row(protocol, ratio, **extra):
+        return {"concurrency": 32, "protocol": protocol, "note": "", "ratio_to_raw": ratio, **extra}
+
+    rows = [row("http", 0.79), row("grpc", 0.88), row("http", 0.87), row("grpc", 0.84), row("http", 0.83),
+            row("grpc", 0.86), row("http", 0.80, note="mutual TLS", tls=True), row("http", 0.90, note="mutual TLS", tls=True)]
+    merged = median_rounds(rows)
+    assert [(r["protocol"], r.get("tls", False)) for r in merged] == [("http", False), ("grpc", False), ("http", True)]
+    http, grpc, tls = merged
+    assert http["ratio_to_raw"] == 0.83 and http["rounds_ratio_to_raw"] == [0.79, 0.87, 0.83]
+    assert grpc["ratio_to_raw"] == 0.86
+    assert tls["ratio_to_raw"] == 0.80  # two rounds: the lower one, never a flattering round-up
+    assert median_rounds([row("v2", 0.9)])[0]["rounds_ratio_to_raw"] == [0.9]

@@ -2,8 +2,7 @@
 header `X-Request-Timeout` (seconds, default and cap 60) is the caller's deadline. With `Accept:
 application/dicom` (DICOM input only) the answer is the DICOM SR file a PACS stores, the result in headers;
 `POST /explain` with it answers the SR and the explanation overlay (a Secondary Capture) together, as DICOMweb
-carries several instances: `multipart/related; type="application/dicom"`.
-header `X-Request-Timeout` (seconds, default and cap 60) is the caller's deadline. An image outside the model's
+carries several instances: `multipart/related; type="application/dicom"`. An image outside the model's
 intended use gets 422 with the reason (policy `refuse`), or the answer plus `out_of_intended_use` (policy `flag`).
 
 A small Starlette app mounted into the BentoML service, rather than a `@bentoml.api`, because the
