@@ -3,7 +3,7 @@ not do itself, namely following renewed certificate files and telling the app wh
 
 - `ssl_config(settings)`: BentoML's `ssl` settings (uvicorn's `ssl_certfile`, `ssl_keyfile`, `ssl_ca_certs`,
   `ssl_cert_reqs`): HTTPS, and with a client CA, client certificates required and verified in the handshake.
-- `TLSProtocol`: uvicorn's h11 protocol plus the ASGI TLS extension (`scope["extensions"]["tls"]`, with the
+- `TLSProtocol`: uvicorn's HTTP protocol (httptools', h11's without it) plus the ASGI TLS extension (`scope["extensions"]["tls"]`, with the
   verified client certificate), which uvicorn does not provide and BentoML offers no hook for; `install()`
   makes it uvicorn's "auto" HTTP protocol for this process, before BentoML's worker builds its server. A new
   connection first polls the certificate files and, when they were renewed, loads them into the live
@@ -57,13 +57,13 @@ def _reload(context: ssl.SSLContext, settings: TLSSettings) -> None:
         log.warning("HTTPS certificate reload failed, keeping the current one: %s", exc)
 
 
-try:
-    from uvicorn.protocols.http.h11_impl import H11Protocol
-except ImportError:  # pragma: no cover - uvicorn comes with BentoML
-    H11Protocol = object  # type: ignore[assignment,misc]
+try:  # the parser uvicorn's "auto" would pick: httptools (a dependency, C) when installed, else h11
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as _UvicornProtocol
+except ImportError:  # pragma: no cover - httptools missing: pure-Python h11, as uvicorn itself falls back
+    from uvicorn.protocols.http.h11_impl import H11Protocol as _UvicornProtocol
 
 
-class TLSProtocol(H11Protocol):  # type: ignore[misc,valid-type]
+class TLSProtocol(_UvicornProtocol):  # type: ignore[misc,valid-type]
     def __init__(self, config: Any, server_state: Any, app_state: dict[str, Any],
                  _loop: asyncio.AbstractEventLoop | None = None) -> None:
         super().__init__(config, server_state, app_state, _loop)
