@@ -3,11 +3,12 @@ not do itself, namely following renewed certificate files and telling the app wh
 
 - `ssl_config(settings)`: BentoML's `ssl` settings (uvicorn's `ssl_certfile`, `ssl_keyfile`, `ssl_ca_certs`,
   `ssl_cert_reqs`): HTTPS, and with a client CA, client certificates required and verified in the handshake.
-- `TLSProtocol`: uvicorn's HTTP protocol (httptools', h11's without it) plus the ASGI TLS extension (`scope["extensions"]["tls"]`, with the
-  verified client certificate), which uvicorn does not provide and BentoML offers no hook for; `install()`
-  makes it uvicorn's "auto" HTTP protocol for this process, before BentoML's worker builds its server. A new
-  connection first polls the certificate files and, when they were renewed, loads them into the live
-  SSLContext: new handshakes get the new certificate, open connections keep theirs, no restart.
+- `TLSProtocol`: uvicorn's HTTP protocol (httptools', or h11's without it) plus the ASGI TLS extension
+  (`scope["extensions"]["tls"]`, with the verified client certificate), which uvicorn does not provide and
+  BentoML offers no hook for; `install()` makes it uvicorn's "auto" HTTP protocol for this process, before
+  BentoML's worker builds its server. A new connection first polls the certificate files and, when they
+  were renewed, loads them into the live SSLContext: new handshakes get the new certificate, open
+  connections keep theirs, no restart.
 - `CallerAllowList`: ASGI middleware, 403 for a client certificate whose identities are not allowed (the
   identities and the list are the gRPC server's: `osteoscreen.security.identity`).
 """
