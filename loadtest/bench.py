@@ -192,12 +192,15 @@ def _tls_server(args: argparse.Namespace, env: dict[str, str], out: Path):
                            **({"OSTEOSCREEN_MODEL_TAG": args.model} if args.model else {}))
     return server, pki
 def overhead_inputs(mix, n: int) -> list[tuple[str, list, tuple[str, ...], int]]:
-    """What the overhead is measured on: phantom PNGs over every API; the real CR radiographs of pydicom-data
+    """What the overhead is measured on: phantom PNGs, and the served levels' whole mix, over every API; the
+    real CR radiographs of pydicom-data
     (RG1 chest in JPEG 2000, RG3 tibia uncompressed and JPEG 2000) over gRPC, fewer of them, but at least 8: CPU
     time moves in 10 ms ticks, so 8 images read it to 1.25 ms each."""
     from loadtest.images import _real_dicoms
 
     kinds = [("phantom PNG", mix.by_format.get("png", []), PROTOCOLS, n)]
+    if len(mix.all()) > len(kinds[0][1]):  # what the served levels send (by default, half of it JPEG)
+        kinds.append(("the served mix", mix.all(), PROTOCOLS, n))
     dicoms = {s.name: s for s in _real_dicoms(64 * 1024 * 1024)}
     for name, label in (("RG1_J2KR.dcm", "RG1 CR chest, JPEG 2000"), ("RG3_UNCR.dcm", "RG3 CR tibia, uncompressed"),
                         ("RG3_J2KR.dcm", "RG3 CR tibia, JPEG 2000")):
@@ -273,7 +276,8 @@ def run_bench(args: argparse.Namespace) -> int:
                 if args.overhead_images:
                     for kind, kind_samples, protocols, n in overhead_inputs(mix, args.overhead_images):
                         for protocol in protocols:
-                            o = (await measure_overhead(server, clients, kind, kind_samples, protocol, n)).row()
+                            o = (await measure_overhead(server, clients, kind, kind_samples, protocol, n,
+                                                        concurrency=args.overhead_concurrency)).row()
                             overhead.append(o)
                             print(f"  outside the model, {kind} over {protocol}: {o['outside_model_cpu_ms']} CPU ms/image "
                                   f"(front {o['front_cpu_ms']}, model service {o['model_service_outside_call_cpu_ms']}); "
@@ -392,6 +396,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="skip the mutual TLS block (a second server, each API at the highest concurrency)")
     p.add_argument("--overhead-images", type=int, default=48,
                    help="requests per protocol for the CPU-outside-the-model measurement (0 skips it)")
+    p.add_argument("--overhead-concurrency", type=_at_least_one, default=4,
+                   help="clients in flight during the CPU-outside-the-model measurement (32: as under full load)")
     p.add_argument("--no-after-burst", dest="after_burst", action="store_false",
                    help="skip the last level: C=1 on the first API right after the highest concurrency")
     p.add_argument("--rounds", type=_at_least_one, default=1,
