@@ -121,9 +121,11 @@ async def measure_overhead(server, clients: Clients, kind: str, samples: list[Sa
             sample = samples[sent % len(samples)]
             sent += 1
             outcome = await call(sample, timeout)
-            if outcome.startswith("error:Client"):  # a pooled keep-alive connection the server had closed
-                outcome = await call(sample, timeout)  # (seen right after a 503 storm): retried once, as
-            if outcome != "ok":                         # HTTP clients retry such a connection
+            # A pooled keep-alive connection the server had closed (seen right after a 503 storm) is retried
+            # once, as HTTP clients retry such a connection.
+            if outcome.startswith("error:Client"):
+                outcome = await call(sample, timeout)
+            if outcome != "ok":
                 failures.append(outcome)
 
     await asyncio.gather(*(client() for _ in range(min(concurrency, images))))

@@ -10,8 +10,9 @@ does not expose it, Pillow's JPEG 2000 plugin (OpenJPEG inside its wheels) does.
 Only the plain case is taken: single-frame grayscale (MONOCHROME1/2), a raw codestream (no JP2 box) with
 one component and one tile (Pillow 13 decodes a tiled codestream wrongly at reduced resolution: the tiles
 right of the first column come out wrong, tests/test_dicom_reduce.py), no image offset or subsampling, a
-precision equal to Bits Stored and a signedness equal to Pixel Representation. The result has the dtype and the meaning of pydicom's own stored values, so the
-modality LUT, VOI and MONOCHROME1 inversion in `imaging.dicom` apply unchanged. Anything else, and any
+precision equal to Bits Stored and a signedness equal to Pixel Representation. The result has the dtype and
+the meaning of pydicom's own stored values, so the modality LUT, VOI and MONOCHROME1 inversion in
+`imaging.dicom` apply unchanged. Anything else, and any
 failure of Pillow, returns None: the caller then runs the full decode, which decodes the file or raises
 its usual clear error (a truncated codestream fails both ways). Never a guess.
 """

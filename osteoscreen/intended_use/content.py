@@ -4,8 +4,9 @@ Score: the squared Mahalanobis distance of the classifier's own features (the ba
 to the training features, divided by their dimension, so that a typical training image scores about 1
 (Lee et al. 2018, "A simple unified framework for detecting out-of-distribution samples"). The features are
 standardised (no feature's scale below the median feature's) and the covariance is Ledoit-Wolf shrunk
-(scikit-learn), because a few hundred training images cannot estimate a 512 x 512 covariance on their own. It needs no labels and no examples of what to
-refuse, and it is computed from the features the forest already needs: no extra network pass.
+(scikit-learn), because a few hundred training images cannot estimate a 512 x 512 covariance on their own.
+It needs no labels and no examples of what to refuse, and it is computed from the features the forest
+already needs: no extra network pass.
 
 The cut-off is chosen on the validation split (images the check was not fitted on) for a stated share of
 in-distribution images to accept; `choose_cutoff` says how.
