@@ -11,7 +11,7 @@ BACKBONE ?= vgg16
 export OSTEOSCREEN_GRPC_PORT ?= 50051
 export BENTOML_DO_NOT_TRACK ?= True
 
-.PHONY: install tools weights data train model serve test clean
+.PHONY: install tools weights data train model serve test test-fast clean
 
 $(STAMP): pyproject.toml $(wildcard protos/*/*.proto protos/*/*/*.proto)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -51,6 +51,11 @@ tools:
 # OSTEOSCREEN_REQUIRE_TOOLS=1: a test whose tool is missing fails instead of skipping (tests/required_tools.py).
 test: install tools
 	OSTEOSCREEN_REQUIRE_TOOLS=1 $(BIN)/python -m pytest
+
+# The fast subset (a few minutes on 2 cores): no test that starts a server process, none that takes over ~20 s
+# (pytest markers `server` and `slow`, pyproject.toml). `make test` runs everything.
+test-fast: install tools
+	OSTEOSCREEN_REQUIRE_TOOLS=1 $(BIN)/python -m pytest -m "not server and not slow"
 
 clean:
 	rm -rf $(VENV) .pytest_cache build dist *.egg-info

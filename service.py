@@ -8,52 +8,57 @@
   the Open Inference Protocol v2, health, reflection). gRPC runs in a `grpc.aio` server started from
   an on-startup hook, because BentoML 1.4 no longer serves gRPC for `@bentoml.service` classes.
 
-Settings are environment variables (see README): OSTEOSCREEN_MODEL_TAG, OSTEOSCREEN_GRPC_PORT,
-OSTEOSCREEN_MAX_QUEUE, OSTEOSCREEN_MAX_BATCH, OSTEOSCREEN_GPU, OSTEOSCREEN_FRONT_WORKERS, OSTEOSCREEN_INTENDED_USE,
-OSTEOSCREEN_PRECISION, OSTEOSCREEN_EXPLAIN_CONCURRENCY, OSTEOSCREEN_EXPLAIN_QUEUE, and the
-limits of `osteoscreen.imaging.decode` and `osteoscreen.serving.grpc.server`; TLS with OSTEOSCREEN_TLS_CERT,
-OSTEOSCREEN_TLS_KEY, OSTEOSCREEN_TLS_CLIENT_CA and OSTEOSCREEN_ALLOWED_CLIENTS (both ports; files checked here,
-so bad ones stop `bentoml serve` before any worker starts).
+Settings are environment variables (`osteoscreen.settings`, the README's table), validated here at import, as
+are the TLS files (both ports): a bad value or a bad certificate stops `bentoml serve` with one line before any
+worker starts.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import bentoml
 import numpy as np
 
-from osteoscreen.security.tls import TLSSettings
-from osteoscreen.serving import http, https, metrics
-from osteoscreen.serving.batching import GreedyBatcher
-from osteoscreen.serving.explanations import ExplainPath
-from osteoscreen.serving.inference import InferencePath
-from osteoscreen.serving.model_client import remote_infer, remote_info
-from osteoscreen.serving.readiness import ModelWatch
+from osteoscreen import settings
+from osteoscreen.errors import OsteoScreenError
+
+try:  # first, before the modules whose import-time limits read the settings
+    SETTINGS = settings.current()
+except OsteoScreenError as exc:  # one line naming the variable, not a traceback from inside BentoML's import
+    print(f"osteoscreen: cannot start: {exc}", file=sys.stderr)
+    raise SystemExit(2) from None
+
+from osteoscreen.security.tls import TLSSettings  # noqa: E402
+from osteoscreen.serving import http, https, metrics  # noqa: E402
+from osteoscreen.serving.batching import GreedyBatcher  # noqa: E402
+from osteoscreen.serving.explanations import ExplainPath  # noqa: E402
+from osteoscreen.serving.inference import InferencePath  # noqa: E402
+from osteoscreen.serving.model_client import remote_infer, remote_info  # noqa: E402
+from osteoscreen.serving.readiness import ModelWatch  # noqa: E402
 
 log = logging.getLogger("osteoscreen.service")
 logging.getLogger("osteoscreen").setLevel(logging.INFO)  # start-up facts (precision chosen, phases) reach the log
 
-MODEL_TAG = os.environ.get("OSTEOSCREEN_MODEL_TAG", "osteoscreen:latest")
-MAX_BATCH = int(os.environ.get("OSTEOSCREEN_MAX_BATCH", "32"))
-HTTP_MAX_CONCURRENT = int(os.environ.get("OSTEOSCREEN_HTTP_MAX_CONCURRENT", "32"))
-FRONT_WORKERS = int(os.environ.get("OSTEOSCREEN_FRONT_WORKERS", "1"))
-_model_resources = {"gpu": 1} if os.environ.get("OSTEOSCREEN_GPU") == "1" else {"cpu": "1"}
-TLS = TLSSettings.from_env()
+try:
+    TLS = TLSSettings.from_env()
+except OsteoScreenError as exc:
+    print(f"osteoscreen: cannot start: {exc}", file=sys.stderr)
+    raise SystemExit(2) from None
 if TLS is not None:
     https.install(TLS)
 
 
 # runner_connection: BentoML recycles the front's connection to this service every 100 requests by default and
 # fails the requests still in flight on it (BentoML #5540); keep the connection for the process's life.
-@bentoml.service(name="osteoscreen-model", workers=1, resources=_model_resources, traffic={"timeout": 120},
+@bentoml.service(name="osteoscreen-model", workers=1, resources=SETTINGS.accelerator, traffic={"timeout": 120},
                  runner_connection={"max_requests": 2**31 - 1, "max_age": 1e9})
 class Model:
-    bento_model = bentoml.models.BentoModel(MODEL_TAG)
+    bento_model = bentoml.models.BentoModel(SETTINGS.model_tag)
 
     def __init__(self) -> None:
         import psutil
@@ -81,7 +86,7 @@ class Model:
         # one thread runs every model call: calls never overlap, and TensorFlow keeps one thread's caches
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="osteoscreen-model")
         self.batcher = GreedyBatcher(
-            lambda batch: asyncio.get_running_loop().run_in_executor(self._thread, self._compute, batch), MAX_BATCH)
+            lambda batch: asyncio.get_running_loop().run_in_executor(self._thread, self._compute, batch), SETTINGS.max_batch)
         # explanations: their own Keras model (sharing the weights) on their own thread, one at a time,
         # never in the screening batcher's way. Built and warmed up on that thread after start-up, so a new
         # replica turns ready without waiting for them; the thread runs in order, so an early explanation
@@ -138,10 +143,10 @@ http_app = http.create_app()
 @bentoml.asgi_app(http_app, path="/")
 @bentoml.service(
     name="osteoscreen",
-    workers=FRONT_WORKERS,
+    workers=SETTINGS.front_workers,
     # HTTP requests in flight per worker (BentoML answers 503 beyond; /readyz, /metrics bypass it): each holds a
     # body of up to OSTEOSCREEN_MAX_BYTES, so this bounds HTTP's share of memory as the gRPC limits bound gRPC's
-    traffic={"timeout": 120, "max_concurrency": HTTP_MAX_CONCURRENT * FRONT_WORKERS},
+    traffic={"timeout": 120, "max_concurrency": SETTINGS.http_max_concurrent * SETTINGS.front_workers},
     http={"port": 3000},
     **({"ssl": https.ssl_config(TLS)} if TLS is not None else {}),
 )

@@ -31,7 +31,7 @@ image mix), and imports locust first: gevent must patch the standard library bef
 
 from __future__ import annotations
 
-import locust  # noqa: F401 - first, before anything that might import ssl/urllib3 (see DESIGN.md)
+import locust  # noqa: F401 - first: imported after tensorflow or urllib3, gevent's ssl patching recurses, the process dies
 from locust import FastHttpUser, User, constant_throughput, events, task
 from locust.runners import WorkerRunner
 

@@ -237,9 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from osteoscreen import settings
     from osteoscreen.errors import OsteoScreenError
 
     try:
+        settings.current()  # every setting validated before any work: a bad one is this command's one error line
         return args.func(args)
     except OsteoScreenError as exc:
         print(f"osteoscreen {args.command}: error: {exc}", file=sys.stderr)

@@ -3,7 +3,7 @@
 In a container `os.cpu_count()` is the node's core count (64 on a big node) while the pod's CPU limit (its
 CFS quota) may allow 4: TensorFlow, OpenMP/BLAS and Python's default executors size themselves to the
 node, run far more threads than the quota pays for, and get throttled in every 100 ms period. The budget
-is, first match wins: OSTEOSCREEN_CPUS (the Deployment sets it from the pod's `limits.cpu` through the
+is, first match wins: `Settings.cpus` (OSTEOSCREEN_CPUS; the Deployment sets it from the pod's `limits.cpu` through the
 Downward API), the container's cgroup quota (v2 `cpu.max`, v1 `cpu.cfs_quota_us`), the CPUs this process
 may be scheduled on.
 """
@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
 from pathlib import Path
 
-CPUS_ENV = "OSTEOSCREEN_CPUS"
+from osteoscreen import settings
+
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
@@ -43,17 +43,12 @@ def schedulable_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def cpu_budget(env: Mapping[str, str] = os.environ, root: Path = CGROUP_ROOT) -> int:
-    """Whole CPUs for thread pools (a fractional quota rounds up: 2.5 CPUs keep 3 threads busy part-time)."""
-    explicit = env.get(CPUS_ENV, "").strip()
-    if explicit:
-        try:
-            value = float(explicit)
-        except ValueError:
-            raise ValueError(f"{CPUS_ENV}={explicit!r} is not a number of CPUs") from None
-        if not value > 0:
-            raise ValueError(f"{CPUS_ENV}={explicit!r} must be positive")
-        return max(1, math.ceil(value))
+def cpu_budget(cpus: float | None = None, root: Path = CGROUP_ROOT) -> int:
+    """Whole CPUs for thread pools (a fractional quota rounds up: 2.5 CPUs keep 3 threads busy part-time).
+    `cpus`: an explicit budget; default the `cpus` setting."""
+    explicit = settings.current().cpus if cpus is None else cpus
+    if explicit is not None:
+        return max(1, math.ceil(explicit))
     budget = schedulable_cpus()
     quota = cgroup_cpu_quota(root)
     if quota is not None:

@@ -43,6 +43,7 @@ def build_env(registered_model) -> dict:
     return {**registered_model["env"], "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "BENTOML_DO_NOT_TRACK": "True"}
 
 
+@pytest.mark.slow
 def test_cpu_bento_has_service_stubs_model_and_both_ports(build_env, registered_model, tmp_path):
     bento = _build(build_env)
     manifest = yaml.safe_load((bento / "bento.yaml").read_text())

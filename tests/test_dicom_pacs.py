@@ -102,6 +102,7 @@ def stored_round_trip(pacs: Orthanc, source_bytes: bytes, sr_bytes: bytes) -> re
     return reader.read(pacs.get(f"/instances/{stored_sr['ID']}/file").content)
 
 
+@pytest.mark.server
 def test_results_round_trip_through_a_real_pacs(server, orthanc, registered_model, tmp_path):
     card = json.loads(next((registered_model["root"] / "bentoml" / "models" / "osteoscreen").glob("*/model_card.json"))
                       .read_text())
@@ -159,6 +160,7 @@ def fresh_study(name: str) -> bytes:
                   SOPInstanceUID=highdicom.UID())
 
 
+@pytest.mark.server
 def test_explanation_results_round_trip_through_a_real_pacs(server, orthanc, registered_model, tmp_path):
     """Explain with DICOM results (item 2 of issue 13): the SR and the overlay as a Secondary Capture, over gRPC,
     HTTP (multipart/related) and the CLI; dciodvfy validates both; Orthanc files source, SR and overlay in one

@@ -14,6 +14,7 @@ from PIL import Image
 from pydicom.encaps import encapsulate, get_frame
 from pydicom.uid import JPEG2000, JPEG2000Lossless
 
+from osteoscreen import settings
 from osteoscreen.errors import ImageDecodeError
 from osteoscreen.imaging import jpeg2000
 from osteoscreen.imaging.decode import decode_image, load_image, to_model_input
@@ -120,10 +121,10 @@ def test_levels_to_discard_stays_over_the_floor_and_within_the_codestream():
 def test_switched_off_by_the_environment(monkeypatch, full_decode):
     for value, enabled in (("", True), ("1", True), ("0", False), ("off", False), ("false", False)):
         monkeypatch.setenv(jpeg2000.ENV, value)
-        assert jpeg2000._enabled_from_env() is enabled
+        assert settings.current().j2k_reduce is enabled
     monkeypatch.setenv(jpeg2000.ENV, "maybe")
-    with pytest.raises(ValueError, match=jpeg2000.ENV):
-        jpeg2000._enabled_from_env()
+    with pytest.raises(settings.SettingsError, match=jpeg2000.ENV):
+        settings.current()
     assert full_decode(decode_image, real_radiograph("RG1_J2KR")).shape == (1955, 1841)
 
 

@@ -133,6 +133,7 @@ print(json.dumps(rows))
 """
 
 
+@pytest.mark.slow
 def test_deletion_of_the_top_attribution_moves_the_probability_more_than_random(registered_model):
     """Deletion test on 24 unseen phantom images, with the model trained by `osteoscreen train`: replacing
     the top 20% of the image by attribution with its local background moves the served probability more

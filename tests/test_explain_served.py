@@ -23,6 +23,7 @@ from osteoscreen.client import ScreeningClient
 from tests.inputs import BAD_INPUTS, PNG_SIGNATURE, real_radiograph
 
 BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.server
 BAD_CASES = ("empty", "png_truncated_half", "gif_unsupported_format", "hint_png_content_jpeg", "dicom_no_pixel_data",
              "png_bomb_8000x8000")
 

@@ -63,7 +63,8 @@ class FakePredictor:
     def is_ready(self) -> bool:
         return self.ready
 
-    async def predict(self, images, format_hints=None, timeout=None) -> list[Prediction]:
+    async def predict(self, images, format_hints=None, timeout=None, dicom=None) -> list[Prediction]:
+        """The signature of `osteoscreen.types.Predictor.predict`; `dicom` (DICOM results wanted) is not used."""
         self.batches.append(len(images))
         if self.overloaded:
             raise OverloadedError("queue full (fake)")

@@ -561,14 +561,17 @@ def test_to_model_input_rejects_bad_arrays():
 
 
 def test_env_limits(monkeypatch):
+    from osteoscreen import settings
+
     monkeypatch.setenv("OSTEOSCREEN_MAX_PIXELS", "1_000_000")
-    assert imaging._env_limit("OSTEOSCREEN_MAX_PIXELS", 5) == 1_000_000
-    monkeypatch.setenv("OSTEOSCREEN_MAX_PIXELS", "lots")
-    with pytest.raises(ValueError, match="OSTEOSCREEN_MAX_PIXELS"):
-        imaging._env_limit("OSTEOSCREEN_MAX_PIXELS", 5)
+    assert settings.current().max_pixels == 1_000_000
+    for bad in ("lots", "0", "-5"):
+        monkeypatch.setenv("OSTEOSCREEN_MAX_PIXELS", bad)
+        with pytest.raises(ValueError, match="OSTEOSCREEN_MAX_PIXELS"):
+            settings.current()
     monkeypatch.delenv("OSTEOSCREEN_MAX_PIXELS")
-    assert imaging._env_limit("OSTEOSCREEN_MAX_PIXELS", 5) == 5
-    assert imaging.MAX_PIXELS > 0 and imaging.MAX_BYTES > 0
+    assert settings.current().max_pixels == 50_000_000 == imaging.MAX_PIXELS
+    assert imaging.MAX_BYTES == 64 * 1024 * 1024
 
 
 def test_implicit_vr_dicom_with_meta_decodes():

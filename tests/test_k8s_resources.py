@@ -12,16 +12,18 @@ import pytest
 from test_k8s import OVERLAYS, render
 from test_k8s_policy import all_containers, config, main_container, quantity
 
+from osteoscreen.serving.grpc.server import CONTROL_HEADROOM
+
 GiB, MiB = 2**30, 2**20
 # Measured on this project's machine (docs/deploy.md, "Memory"): decoding the largest admitted image peaks at
-# ~366 MiB at 50 MP (7.3 bytes per pixel); the model process holds VGG16 + the forest (~2 GiB, DESIGN.md),
+# ~366 MiB at 50 MP (7.3 bytes per pixel); the model process holds VGG16 + the forest (~2 GiB: ~1.9 GB RSS
+# measured for a process holding VGG16),
 # plus VGG16's activations at batch 32 (the two largest block1 tensors, 32 x 224 x 224 x 64 float32 each).
 DECODE_BYTES_PER_PIXEL = 366 * MiB / 50e6
 MODEL_PROCESS = 2 * GiB
 ACTIVATIONS_BATCH_32 = 2 * 32 * 224 * 224 * 64 * 4
 FRONT_BASE = 512 * MiB  # BentoML's arbiter + one front worker, idle (~290 MiB measured), with margin
 CUDA_HOST = 1 * GiB  # the GPU image: CUDA runtime and cuDNN host memory
-CONTROL_HEADROOM = 8  # osteoscreen.serving.grpc.server.CONTROL_HEADROOM
 
 
 def worst_case_bytes(settings: dict[str, str], cpus: int, gpu: bool) -> float:

@@ -55,6 +55,8 @@ def stats_rows(out: Path) -> dict[tuple[str, str], dict]:
 # ------------------------------------------------------------------------------------------ against a server
 
 
+@pytest.mark.server
+@pytest.mark.slow
 def test_bounded_run_over_every_protocol_meets_the_slo(server, tmp_path):
     """`make loadtest`'s runner against the running server: three user classes, 20 s, SLOs of loadtest/slo.yaml."""
     out = tmp_path / "reports"
@@ -77,6 +79,7 @@ def test_bounded_run_over_every_protocol_meets_the_slo(server, tmp_path):
     assert (out / "locust_stats_history.csv").stat().st_size > 0
 
 
+@pytest.mark.server
 def test_broken_slo_fails_the_run(server, tmp_path):
     """An impossible p95 for gRPC must make locust exit 1; the HTTP limit is not checked (no HTTP users ran)."""
     strict = tmp_path / "strict.yaml"

@@ -14,6 +14,7 @@ import pytest
 
 from osteoscreen.cli import build_parser
 from osteoscreen.model import precision as P
+from osteoscreen.settings import SettingsError
 from training.feature_cache import FeatureCache
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,7 +45,7 @@ def test_env_and_flag(monkeypatch):
 @pytest.mark.parametrize("value", ["fp16", "bf16", "float64", "yes"])
 def test_bad_values_are_clear_errors(monkeypatch, value):
     monkeypatch.setenv(P.ENV, value)
-    with pytest.raises(P.PrecisionError, match=rf"OSTEOSCREEN_PRECISION must be one of auto, float32, bfloat16, not '{value}'"):
+    with pytest.raises(SettingsError, match=rf"OSTEOSCREEN_PRECISION='{value}' is not valid: it accepts auto or float32 or bfloat16"):
         P.choose(None, hw(["avx512_bf16"]))
     with pytest.raises(P.PrecisionError, match=r"--precision must be one of"):
         P.requested(value)

@@ -24,6 +24,7 @@ name exists.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import re
 import shutil
@@ -39,8 +40,10 @@ import yaml
 from loadtest.server import free_port
 from test_loadtest import run_locust, stats_rows
 from tests.required_tools import missing_tool
+from tests.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = [pytest.mark.server, pytest.mark.slow]  # the fixtures start a server and Prometheus, then 20 s of load
 MONITORING = REPO / "k8s" / "monitoring"
 RULES = MONITORING / "prometheusrule.yaml"
 SERVICEMONITOR = MONITORING / "servicemonitor.yaml"
@@ -247,8 +250,19 @@ def scraped(server, prometheus, tmp_path_factory) -> dict:
     for key in (("POST", "/predict"), ("grpc", "osteoscreen.v1.Screening/Predict"),
                 ("grpc", "inference.GRPCInferenceService/ModelInfer")):
         assert int(rows.get(key, {}).get("Request Count", 0)) > 0, (key, result.stderr[-3000:])
-    time.sleep(3.0)  # the last scrape and rule evaluation of the load
+    wait_until(lambda: _settled(prometheus, end), 60, 0.5, "no scrape and rule evaluation after the load")
     return {"at": end - 1.5}
+
+
+def _settled(prometheus: Prometheus, after: float) -> bool:
+    """A scrape taken after `after` has landed, and every rule group has been evaluated a full interval (1 s)
+    after it: the load's last samples and the recorded series computed from them are all in."""
+    scrape = prometheus.query('timestamp(up{job="osteoscreen"})', time.time())["data"]["result"]
+    if not scrape or (scraped_at := float(scrape[0]["value"][1])) < after:
+        return False
+    groups = prometheus.api("rules").get("data", {}).get("groups", [])
+    evaluated = [dt.datetime.fromisoformat(g["lastEvaluation"]).timestamp() for g in groups]
+    return bool(evaluated) and min(evaluated) >= scraped_at + 1.0
 
 
 # ------------------------------------------------------------------------------------------ the checks

@@ -36,6 +36,7 @@ from osteoscreen.imaging.decode import load_image
 from tests.inputs import BAD_INPUTS, real_radiograph
 
 BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.server
 
 
 @pytest.fixture(scope="module")
@@ -180,8 +181,8 @@ def test_real_jpeg2000_dicom_radiograph_through_grpc(server, channel):
     plain = stub.Predict(pb.PredictRequest(image=real_radiograph("RG1_UNCR")), timeout=120)
     assert compressed.request_id == "dcm" and 0.0 <= compressed.probability <= 1.0
     # Lossless, but the JPEG 2000 film is decoded two wavelet levels down (osteoscreen.imaging.jpeg2000): the model
-    # input moves by ~0.1 grey level on average, the probability by <= 0.012 on the demo model (README); the
-    # bound is the bfloat16 numerics gate's.
+    # input moves by ~0.1 grey level on average, the probability by <= 0.012 on the demo model
+    # (docs/results/performance.md); the bound is the bfloat16 numerics gate's.
     assert compressed.probability == pytest.approx(plain.probability, abs=0.02)
 
 
@@ -292,6 +293,7 @@ def _service_processes(server, name: str) -> list:
     return [p for p in server.processes() if f"--service-name {name} " in " ".join(p.cmdline()) + " "]
 
 
+@pytest.mark.slow
 def test_a_crashed_model_process_is_retryable_and_readiness_follows_it(server, channel, images):
     """SIGKILL the model service with requests in flight: callers get 503 / UNAVAILABLE (or, queued behind the
     restart, their prediction), never an internal error; gRPC health (what the Kubernetes probes ask) and

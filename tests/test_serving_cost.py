@@ -10,6 +10,8 @@ import re
 import time
 import urllib.request
 
+import pytest
+
 from loadtest.clients import Clients
 from loadtest.images import build_mix
 from loadtest.bench import median_rounds
@@ -23,6 +25,7 @@ def test_processes_are_told_apart_by_their_command_line():
     assert role(["/venv/bin/bentoml", "serve", "service:Screening"]) == "supervisor"
 
 
+@pytest.mark.server
 def test_served_precision_cost_and_startup_are_reported(server, registered_model):
     with urllib.request.urlopen(f"{server.url}/metrics", timeout=30) as response:
         text = response.read().decode()

@@ -23,6 +23,7 @@ import pytest
 from sklearn.metrics import accuracy_score, brier_score_loss, f1_score, recall_score, roc_auc_score
 
 BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.slow  # each test trains or evaluates on a site set
 
 
 def _run(args: list[str], env: dict, timeout: int = 900) -> subprocess.CompletedProcess:
@@ -99,6 +100,7 @@ def _same_forest(a, b) -> bool:
     return True
 
 
+@pytest.mark.server
 def test_recalibration_fixes_held_out_calibration_and_the_new_version_serves(site):
     from loadtest.server import ServerProcess
     from osteoscreen.client import ScreeningClient

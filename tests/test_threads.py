@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from osteoscreen.settings import SettingsError
 from osteoscreen.resources import cgroup_cpu_quota, cpu_budget, schedulable_cpus
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,18 +42,21 @@ def test_the_cgroup_quota_is_read_in_both_cgroup_versions(tmp_path) -> None:
     assert cgroup_cpu_quota(tmp_path / "nothing-here") is None
 
 
-def test_the_budget_is_the_smallest_of_quota_and_cores_and_the_downward_api_wins(tmp_path) -> None:
+def test_the_budget_is_the_smallest_of_quota_and_cores_and_the_downward_api_wins(tmp_path, monkeypatch) -> None:
+    monkeypatch.delenv("OSTEOSCREEN_CPUS", raising=False)
     cores = schedulable_cpus()
     half = cgroup_v2(tmp_path, "50000 100000")  # half a CPU: one thread, never zero
-    assert cpu_budget({}, half) == 1
+    assert cpu_budget(root=half) == 1
     (tmp_path / "big").mkdir()
     huge = cgroup_v2(tmp_path / "big", f"{(cores + 8) * 100000} 100000")
-    assert cpu_budget({}, huge) == cores, "a quota above the cores this process may use does not add threads"
-    assert cpu_budget({"OSTEOSCREEN_CPUS": "3"}, half) == 3  # the pod's limits.cpu, from the Downward API
-    assert cpu_budget({"OSTEOSCREEN_CPUS": "2.5"}, half) == 3
+    assert cpu_budget(root=huge) == cores, "a quota above the cores this process may use does not add threads"
+    monkeypatch.setenv("OSTEOSCREEN_CPUS", "3")  # the pod's limits.cpu, from the Downward API
+    assert cpu_budget(root=half) == 3
+    assert cpu_budget(2.5, half) == 3
     for bad in ("four", "0", "-2"):
-        with pytest.raises(ValueError, match="OSTEOSCREEN_CPUS"):
-            cpu_budget({"OSTEOSCREEN_CPUS": bad}, half)
+        monkeypatch.setenv("OSTEOSCREEN_CPUS", bad)
+        with pytest.raises(SettingsError, match="OSTEOSCREEN_CPUS"):
+            cpu_budget(root=half)
 
 
 PROBE = """
@@ -83,6 +87,7 @@ def _probe(cpus: str) -> dict:
 
 
 @pytest.mark.timeout(600)
+@pytest.mark.slow
 def test_tensorflow_and_blas_pools_follow_the_budget_in_a_real_process() -> None:
     capped, node_sized = _probe("1"), _probe("12")  # a 1-CPU pod vs pools as big as a 12-core node's
     assert capped["intra"] == 1 and capped["inter"] == 1 and capped["limits"] == [1, 1]

@@ -33,8 +33,10 @@ from osteoscreen._generated.osteoscreen.v1 import screening_pb2 as pb
 from osteoscreen._generated.osteoscreen.v1 import screening_pb2_grpc as pb_grpc
 from osteoscreen.serving.grpc.v2 import encode_raw_bytes
 from tests.inputs import dicom_bytes, dicom_dataset
+from tests.waiting import wait_until
 
 BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.server
 ALLOWED = "radiology-platform"
 # distinctive patient identifiers: none may appear in the server's output, its metrics or any answer
 PHI = {"PatientName": "Zyxwvut^Phisentinel", "PatientID": "PHI7731QX", "PatientBirthDate": "19230417",
@@ -93,6 +95,7 @@ def pki(tmp_path_factory) -> LocalPKI:
     return localhost_pki(tmp_path_factory.mktemp("pki"), client_name=ALLOWED)
 
 
+@pytest.mark.slow
 def test_tls_server_refuses_plaintext_and_serves_clients_trusting_the_ca(registered_model, pki, tmp_path):
     srv = _start(registered_model, tmp_path, pki.server_env(mutual=False), client_context(pki.ca))
     try:
@@ -223,7 +226,8 @@ def test_rotation_on_a_running_server(mtls, pki, registered_model):
 
     thread = threading.Thread(target=keep_asking)
     thread.start()
-    time.sleep(2)
+    # the keep-alive connection and the channel are open and have answered before the swap
+    wait_until(lambda: answered[0] > 0 or failures, 120, message=lambda: f"no answer before the swap: {failures}")
     renewed = issue(pki.authority, "osteoscreen-renewed", dns=("localhost",), ips=("127.0.0.1",))
     tmp = live / "new"
     tmp.mkdir()
@@ -236,10 +240,11 @@ def test_rotation_on_a_running_server(mtls, pki, registered_model):
     before = answered[0]
     fresh = _session(pki, pki.client_cert, pki.client_key)
     assert fresh.post(f"{srv.url}/predict", data=image, timeout=120).status_code == 200
-    time.sleep(2)
+    # the connection and channel opened before the swap answer after it too
+    wait_until(lambda: answered[0] > before or failures, 120, message=lambda: f"no answer after the swap: {failures}")
     stop.set()
     thread.join(120)
-    assert not failures and answered[0] >= before > 0
+    assert not failures and answered[0] > before > 0
 
 
 def test_no_patient_identifier_in_answers_logs_or_metrics(mtls, pki, registered_model):
@@ -278,8 +283,16 @@ def test_no_patient_identifier_in_answers_logs_or_metrics(mtls, pki, registered_
     assert any("s1" in a for a in answers) and len(answers) == 4 * (2 + 5)
     metrics = session.get(f"{srv.url}/metrics", timeout=30).text
     assert "osteoscreen_predictions_total" in metrics
-    time.sleep(1)  # let the workers flush their log lines
-    output = srv.log_tail(10_000_000)
+    # a request after all the others, to a path nobody serves: once its access line is in the log, the lines
+    # the workers wrote for every request before it are too
+    marker = f"/log-flush-marker-{time.monotonic_ns()}"
+    assert session.get(f"{srv.url}{marker}", timeout=30).status_code == 404
+
+    def flushed() -> str:
+        text = srv.log_tail(10_000_000)
+        return text if marker in text else ""
+
+    output = wait_until(flushed, 30, message="the marker request's access line never reached the server's output")
     assert "invalid_input" in metrics and len(output) > 0
     for keyword, value in PHI.items():
         for where, text in (("answers", "\n".join(answers)), ("metrics", metrics), ("server output", output)):

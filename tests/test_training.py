@@ -135,6 +135,7 @@ def test_the_threshold_meets_its_sensitivity_target_on_validation_and_test_auc_i
     assert all(0.0 < a["probability"] < 1.0 for a in answers.values())
 
 
+@pytest.mark.slow
 def test_second_run_reuses_cached_features(trained):
     root, env, _ = trained
     result = subprocess.run(

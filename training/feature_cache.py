@@ -9,9 +9,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from osteoscreen import settings
+
 
 def default_root() -> Path:
-    return Path(os.environ.get("OSTEOSCREEN_CACHE", Path.home() / ".cache" / "osteoscreen")) / "features"
+    return settings.current().cache / "features"
 
 
 class FeatureCache:

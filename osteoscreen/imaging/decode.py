@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import io
 import math
-import os
 import zlib
 
 import numpy as np
 from PIL import Image
 
+from osteoscreen import settings
 from osteoscreen.imaging.dicom import decode_dicom, jpeg_frame_header
 from osteoscreen.errors import ImageDecodeError
 from osteoscreen.imaging.limits import check_dimensions
@@ -43,23 +43,10 @@ __all__ = [
 ]
 
 
-def _env_limit(name: str, default: int) -> int:
-    """A positive integer from the environment; a bad value stops start-up instead of being ignored."""
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw.replace("_", ""))
-    except ValueError:
-        raise ValueError(f"{name} must be a positive integer, got {raw!r}") from None
-    if value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {raw!r}")
-    return value
-
-
-# Read at call time (module globals), so tests and operators can change them after import.
-MAX_PIXELS: int = _env_limit("OSTEOSCREEN_MAX_PIXELS", 50_000_000)  # ~7000x7000: any real radiograph
-MAX_BYTES: int = _env_limit("OSTEOSCREEN_MAX_BYTES", 64 * 1024 * 1024)
+# From the settings at import (a bad value stops start-up); read at call time as module globals, so tests can
+# patch them. The default pixel limit, ~7000x7000, admits any real radiograph.
+MAX_PIXELS: int = settings.current().max_pixels
+MAX_BYTES: int = settings.current().max_bytes
 MIN_SIDE = 32  # smaller than this is a thumbnail or an icon, not a radiograph we can screen
 
 FORMATS = ("png", "jpeg", "dicom")

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 import struct
 from dataclasses import dataclass
 
@@ -30,6 +29,8 @@ from PIL import Image, ImageFile, features
 from pydicom.dataset import Dataset
 from pydicom.encaps import get_frame
 from pydicom.uid import JPEG2000, JPEG2000Lossless, UID
+
+from osteoscreen import settings
 
 __all__ = ["ENV", "FLOOR", "Codestream", "Reduced", "decode_reduced", "decode_stored", "levels_to_discard",
            "read_main_header"]
@@ -50,17 +51,8 @@ _SOC_SIZ = b"\xff\x4f\xff\x51"
 _SOT, _COD, _COC = 0xFF90, 0xFF52, 0xFF53
 
 
-def _enabled_from_env() -> bool:
-    """On unless OSTEOSCREEN_J2K_REDUCE is 0/false/no/off; another value stops start-up, not ignored."""
-    raw = os.environ.get(ENV, "").strip().lower()
-    if raw in ("", "1", "true", "yes", "on"):
-        return True
-    if raw in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"{ENV} must be 1 or 0, got {raw!r}")
-
-
-ENABLED: bool = _enabled_from_env()  # a module global, read at each call: tests and tools may flip it
+# The `j2k_reduce` setting, as a module global read at each call: tests and tools may flip it.
+ENABLED: bool = settings.current().j2k_reduce
 
 
 @dataclass(frozen=True)

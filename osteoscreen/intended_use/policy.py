@@ -7,10 +7,10 @@ findings, for sites validating the model on their own films and for research). S
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 from enum import Enum
 
+from osteoscreen import settings
 from osteoscreen.errors import OutOfIntendedUseError
 from osteoscreen.types import Finding
 
@@ -24,11 +24,7 @@ class Policy(str, Enum):
     @classmethod
     def from_env(cls) -> Policy:
         """The operator's policy; a misspelt value stops start-up rather than silently screening everything."""
-        raw = os.environ.get(ENV, "").strip().lower() or cls.REFUSE.value
-        try:
-            return cls(raw)
-        except ValueError:
-            raise ValueError(f"{ENV} must be 'refuse' or 'flag', got {raw!r}") from None
+        return cls(settings.current().intended_use)
 
 
 def content_finding(score: float, cutoff: float | None) -> Finding | None:

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from osteoscreen import settings
 from osteoscreen.errors import OsteoScreenError
 
 log = logging.getLogger("osteoscreen.precision")
@@ -48,8 +49,9 @@ def other(precision: str) -> str:
 
 def requested(value: str | None = None) -> str:
     """The precision asked for: `value` (a CLI flag) or else $OSTEOSCREEN_PRECISION, default auto."""
-    source = "--precision" if value is not None else ENV
-    text = value if value is not None else os.environ.get(ENV, AUTO)
+    if value is None:
+        return settings.current().precision  # validated with the other settings
+    source, text = "--precision", value
     name = (text or AUTO).strip().lower()
     if name not in CHOICES:
         raise PrecisionError(f"{source} must be one of {', '.join(CHOICES)}, not {text!r}")

@@ -13,7 +13,7 @@ import logging
 import os
 from dataclasses import dataclass
 
-from osteoscreen.resources import CPUS_ENV, cpu_budget
+from osteoscreen.resources import cpu_budget
 
 log = logging.getLogger("osteoscreen.threads")
 
@@ -50,6 +50,6 @@ def limit_threads(cpus: int | None = None) -> ThreadLimits:
                               tf.config.threading.get_inter_op_parallelism_threads())
     threadpool_limits(cpus)  # the OpenMP/BLAS runtimes numpy and scikit-learn have already loaded
     log.info("thread pools sized to %d CPUs (%s, node has %s cores): TensorFlow intra-op %d, inter-op %d",
-             cpus, f"{CPUS_ENV} or cgroup quota", os.cpu_count(), limits.intra_op, limits.inter_op)
+             cpus, "OSTEOSCREEN_CPUS or cgroup quota", os.cpu_count(), limits.intra_op, limits.inter_op)
     _applied = limits
     return limits

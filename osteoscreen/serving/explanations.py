@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import numpy as np
 
+from osteoscreen import settings
 from osteoscreen.dicom_results import sr
 from osteoscreen.errors import ImageDecodeError, ModelUnavailableError, OutOfIntendedUseError, OverloadedError
 from osteoscreen.explain.attribution import unpack
@@ -51,22 +51,14 @@ class ServedExplanation:
     overlay_png: bytes  # prediction.dicom carries the SR and the overlay as DICOM when they were asked for
 
 
-def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name, "").strip()
-    value = int(raw) if raw else default
-    if value < 0 or (name.endswith("CONCURRENCY") and value < 1):
-        raise ValueError(f"{name} must be a {'positive' if name.endswith('CONCURRENCY') else 'non-negative'} integer")
-    return value
-
-
 class ExplainPath:
     def __init__(self, explain: ExplainFn, model_info: Callable[[], ModelInfo | None],
                  concurrency: int | None = None, queue: int | None = None, policy: Policy | None = None) -> None:
         self._explain = explain
         self._model_info = model_info
         self.policy = policy or Policy.from_env()
-        self.concurrency = concurrency or _env_int("OSTEOSCREEN_EXPLAIN_CONCURRENCY", 1)
-        self.queue = queue if queue is not None else _env_int("OSTEOSCREEN_EXPLAIN_QUEUE", 2)
+        self.concurrency = concurrency or settings.current().explain_concurrency
+        self.queue = queue if queue is not None else settings.current().explain_queue
         self.admitted = 0  # running + waiting, in this worker
         self._slots = asyncio.Semaphore(self.concurrency)
 

@@ -20,13 +20,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from osteoscreen import settings
 from osteoscreen.dicom_results import sr
 from osteoscreen.serving import metrics
 from osteoscreen.errors import ImageDecodeError, ModelUnavailableError, OverloadedError
@@ -75,12 +75,12 @@ class InferencePath:
         # whether the model service answers now: set by the readiness watch, cleared by a failed call too
         self._model_up = False
         self.down_reason = "the model is still loading"
-        self.max_queue = max_queue or int(os.environ.get("OSTEOSCREEN_MAX_QUEUE", "64"))
-        self.max_inflight_bytes = max_inflight_bytes or int(
-            os.environ.get("OSTEOSCREEN_MAX_INFLIGHT_BYTES", str(256 * MiB)))
+        s = settings.current()
+        self.max_queue = max_queue or s.max_queue
+        self.max_inflight_bytes = max_inflight_bytes or s.max_inflight_bytes
         self.queued = 0  # images admitted and not yet answered, in this worker
         self.queued_bytes = 0  # their encoded bytes
-        self.decode_threads = decode_threads or int(os.environ.get("OSTEOSCREEN_DECODE_THREADS", "0")) or cpu_budget()
+        self.decode_threads = decode_threads or s.decode_threads or cpu_budget()
         self._decode_slots = asyncio.Semaphore(self.decode_threads)
         self.seconds_per_image: float | None = None  # the model's recent speed; None until its first answer
 

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from osteoscreen import settings
 from osteoscreen.errors import ModelUnavailableError
 from osteoscreen.serving.inference import InferencePath, ModelInfo
 
@@ -38,8 +38,8 @@ class WatchSettings:
 
     @classmethod
     def from_env(cls) -> WatchSettings:
-        return cls(interval_s=float(os.environ.get("OSTEOSCREEN_MODEL_CHECK_S", cls.interval_s)),
-                   timeout_s=float(os.environ.get("OSTEOSCREEN_MODEL_CHECK_TIMEOUT_S", cls.timeout_s)))
+        s = settings.current()
+        return cls(interval_s=s.model_check_s, timeout_s=s.model_check_timeout_s)
 
 
 class ModelWatch:

@@ -37,8 +37,6 @@ async def predict_in_context(
     if remaining is not None and remaining <= 0:
         raise TimeoutError("the deadline passed before the request could be queued")
     async with asyncio.timeout(remaining):
-        if dicom is None:  # plain calls stay plain, so predictors written before DICOM results keep working
-            return await predictor.predict(images, hints, timeout=remaining)
         return await predictor.predict(images, hints, timeout=remaining, dicom=dicom)
 
 

@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import inspect
 import logging
-import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -31,6 +30,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
+from osteoscreen import settings
 from osteoscreen.security.redact import traceback_without_messages
 from osteoscreen.security.tls import CertificateFiles, TLSSettings
 from osteoscreen.serving.grpc import screening, v2
@@ -66,19 +66,9 @@ READINESS_POLL_S = 1.0
 CONTROL_HEADROOM = 8
 
 
-def _env_number(name: str, default: float, cast: Callable[[str], Any] = int) -> Any:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        return cast(raw)
-    except ValueError:
-        raise ValueError(f"{name}={raw!r} is not a valid number") from None
-
-
 @dataclass(frozen=True)
 class GrpcSettings:
-    """Server knobs; `from_env` reads the OSTEOSCREEN_* variables (documented in the README)."""
+    """Server knobs; `from_env` takes them from the settings (`osteoscreen.settings`, the README's table)."""
 
     port: int = 50051
     host: str = "[::]"
@@ -93,15 +83,12 @@ class GrpcSettings:
 
     @classmethod
     def from_env(cls, **overrides: Any) -> GrpcSettings:
+        s = settings.current()
         values = dict(
-            port=_env_number("OSTEOSCREEN_GRPC_PORT", cls.port),
-            host=os.environ.get("OSTEOSCREEN_GRPC_HOST", cls.host),
-            max_message_bytes=_env_number("OSTEOSCREEN_GRPC_MAX_MESSAGE_BYTES", cls.max_message_bytes),
-            max_concurrent=_env_number("OSTEOSCREEN_GRPC_MAX_CONCURRENT", cls.max_concurrent),
-            shutdown_grace_s=_env_number("OSTEOSCREEN_SHUTDOWN_GRACE_S", cls.shutdown_grace_s, float),
-            max_connection_age_s=_env_number("OSTEOSCREEN_GRPC_MAX_CONNECTION_AGE_S", cls.max_connection_age_s, float),
-            tls=TLSSettings.from_env(),
-            health_port=_env_number("OSTEOSCREEN_GRPC_HEALTH_PORT", cls.health_port) or None,
+            port=s.grpc_port, host=s.grpc_host, max_message_bytes=s.grpc_max_message_bytes,
+            max_concurrent=s.grpc_max_concurrent, shutdown_grace_s=s.shutdown_grace_s,
+            max_connection_age_s=s.grpc_max_connection_age_s, tls=TLSSettings.from_env(),
+            health_port=s.grpc_health_port or None,
         )
         values.update(overrides)
         return cls(**values)
