@@ -16,6 +16,7 @@ worker starts.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import sys
 import time
@@ -33,6 +34,7 @@ except OsteoScreenError as exc:  # one line naming the variable, not a traceback
     print(f"osteoscreen: cannot start: {exc}", file=sys.stderr)
     raise SystemExit(2) from None
 
+from osteoscreen.security import dicom_values  # noqa: E402
 from osteoscreen.security.tls import TLSSettings  # noqa: E402
 from osteoscreen.serving import http, https, metrics  # noqa: E402
 from osteoscreen.serving.batching import GreedyBatcher  # noqa: E402
@@ -44,6 +46,7 @@ from osteoscreen.serving.readiness import ModelWatch  # noqa: E402
 log = logging.getLogger("osteoscreen.service")
 logging.getLogger("osteoscreen").setLevel(logging.INFO)  # start-up facts (precision chosen, phases) reach the log
 
+dicom_values.withhold_values()  # before any DICOM input is read: pydicom's reports lose the values they quote
 try:
     TLS = TLSSettings.from_env()
 except OsteoScreenError as exc:
@@ -129,12 +132,7 @@ class Model:
 
     @bentoml.api
     def info(self) -> dict:
-        b = self.bundle
-        from osteoscreen.dicom_results.sr import is_clinical
-
-        return {"name": b.name, "version": b.version, "backbone": b.backbone, "threshold": b.threshold,
-                "clinical": is_clinical(b.metadata), "intended_use": b.intended_use.to_dict(),
-                "precision": b.precision}
+        return dataclasses.asdict(self.bundle.info)
 
 
 http_app = http.create_app()

@@ -112,7 +112,7 @@ def build_mix(data_dir: str | os.PathLike | None = None, mix: str = DEFAULT_MIX,
     """The images a load test or benchmark sends.
 
     With `data_dir`: every PNG/JPEG/DICOM file under it (by content, up to `max_files`). Without: `n_phantoms`
-    phantom spine radiographs (`osteoscreen.phantom`, 8- and 16-bit PNG) plus 8-bit JPEG copies of them, and the
+    phantom spine radiographs (`training.phantom`, 8- and 16-bit PNG) plus 8-bit JPEG copies of them, and the
     real DICOM radiographs pydicom-data ships. JPEGs are also derived from PNGs when a folder has none."""
     weights = parse_mix(mix)
     by_format: dict[str, list[Sample]] = {f: [] for f in CONTENT_TYPES}
@@ -131,7 +131,7 @@ def build_mix(data_dir: str | os.PathLike | None = None, mix: str = DEFAULT_MIX,
                 by_format[fmt].append(Sample(str(path.relative_to(root)), data, fmt))
         source = f"folder {root}"
     else:
-        from osteoscreen.phantom import generate_dataset
+        from training.phantom import generate_dataset
 
         with tempfile.TemporaryDirectory(prefix="osteoscreen-mix-") as tmp:
             os.environ.setdefault("TQDM_DISABLE", "1")

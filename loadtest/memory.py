@@ -25,7 +25,7 @@ def case_bytes(name: str) -> bytes:
     from osteoscreen.imaging.decode import MAX_PIXELS
 
     if name == "png_phantom":
-        from osteoscreen.phantom import _encode_png, render_sample
+        from training.phantom import _encode_png, render_sample
 
         sample = render_sample(-2.0, seed=1)
         return _encode_png(sample.image, sample.sixteen_bit)

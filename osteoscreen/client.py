@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Union
+from typing import Union
 
 import grpc
 import numpy as np
@@ -73,7 +72,7 @@ def _read_image(source: ImageSource) -> bytes:
     return source if isinstance(source, bytes) else Path(source).read_bytes()
 
 
-def _to_result(response: pb.PredictResponse) -> RemotePrediction:
+def to_result(response: pb.PredictResponse) -> RemotePrediction:
     return RemotePrediction(
         probability=response.probability, label=response.label, threshold=response.threshold,
         model=response.model_name, version=response.model_version, request_id=response.request_id,
@@ -142,7 +141,7 @@ class ScreeningClient:
         returns the DICOM SR a PACS stores, in `.dicom`."""
         request = self.request(image, request_id, format, dicom_results)
         response = self._stub.Predict(request, timeout=timeout or self.timeout)
-        return _to_result(response)
+        return to_result(response)
 
     def explain(self, image: ImageSource, request_id: str | None = None, format: str | None = None,
                 timeout: float | None = None, dicom_results: bool = False) -> RemoteExplanation:
@@ -153,7 +152,7 @@ class ScreeningClient:
 
         r = self._stub.Explain(self.request(image, request_id, format, dicom_results), timeout=timeout or self.timeout)
         attribution = np.asarray(r.map, dtype=np.float32).reshape(tuple(r.map_shape))
-        return RemoteExplanation(_to_result(r.prediction), attribution, r.forest_output, r.expected_value,
+        return RemoteExplanation(to_result(r.prediction), attribution, r.forest_output, r.expected_value,
                                  r.overlay_png)
 
     def predict_many(
@@ -171,7 +170,7 @@ class ScreeningClient:
         for start in range(0, len(requests), batch_size):
             batch = pb.PredictBatchRequest(requests=requests[start : start + batch_size])
             response = self._stub.PredictBatch(batch, timeout=timeout or self.timeout)
-            results.extend(_to_result(r) for r in response.responses)
+            results.extend(to_result(r) for r in response.responses)
         return results
 
     def close(self) -> None:
@@ -182,72 +181,3 @@ class ScreeningClient:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-
-
-def _describe(error: grpc.RpcError) -> str:
-    code = error.code()
-    return f"{code.name if code else 'UNKNOWN'}: {error.details()}"
-
-
-def predict_files_remote(
-    paths: Sequence[str | os.PathLike],
-    server: str,
-    tls: bool = False,
-    *,
-    root_certificates: PemSource | None = None,
-    client_cert: PemSource | None = None,
-    client_key: PemSource | None = None,
-    server_name: str | None = None,
-    timeout: float = 60.0,
-    window: int = 8,
-    out: IO[str] | None = None,
-    err: IO[str] | None = None,
-    dicom_out: Path | None = None,
-) -> int:
-    """`osteoscreen predict --server HOST:PORT FILE...`: one JSON line per file on stdout, in order, shaped
-    like the local `osteoscreen predict` (path, probability, label, threshold, model tag "name:version");
-    an unreadable or rejected file gets one line on stderr and the others are still predicted.
-    TLS as in `ScreeningClient`. With `dicom_out`, each file also gets its DICOM results written there (their
-    paths in the line's "dicom"). Returns 0 when every file was predicted, 1 when some failed, 2 when the
-    server is unreachable (a refused TLS handshake looks the same to gRPC)."""
-    out, err = out or sys.stdout, err or sys.stderr
-    with ScreeningClient(server, tls=tls, root_certificates=root_certificates, client_cert=client_cert,
-                         client_key=client_key, server_name=server_name, timeout=timeout) as client:
-        try:
-            client.wait_ready(timeout=min(10.0, timeout))
-        except grpc.FutureTimeoutError:
-            hint = " (or its TLS handshake failed: check --tls, --ca, --cert, --key)" if client.secure else ""
-            print(f"osteoscreen predict: error: cannot reach the OsteoScreen gRPC server at {server}{hint}", file=err)
-            return 2
-        failed = False
-        for start in range(0, len(paths), window):
-            calls = []
-            for path in paths[start : start + window]:
-                try:
-                    request = client.request(Path(path), request_id=str(path), dicom_results=dicom_out is not None)
-                except OSError as exc:
-                    calls.append((path, exc))
-                    continue
-                calls.append((path, client._stub.Predict.future(request, timeout=timeout)))
-            for path, call in calls:
-                if isinstance(call, OSError):
-                    print(f"{path}: error: cannot read the file: {call.strerror or call}", file=err)
-                    failed = True
-                    continue
-                try:
-                    r = call.result()
-                except grpc.RpcError as exc:
-                    print(f"{path}: error: {_describe(exc)}", file=err)
-                    failed = True
-                else:
-                    line = {"path": str(path), "probability": round(r.probability, 6), "label": r.label,
-                            "threshold": round(r.threshold, 6), "model": f"{r.model_name}:{r.model_version}"}
-                    if dicom_out is not None:
-                        from osteoscreen.dicom_results import files
-
-                        line["dicom"] = [str(p) for p in files.write(_to_result(r).dicom, dicom_out)]
-                    if r.outside_intended_use:  # the server's policy is `flag`
-                        line["out_of_intended_use"] = [{"check": f.check, "value": f.value, "reason": f.reason}
-                                                       for f in r.intended_use_findings]
-                    print(json.dumps(line), file=out, flush=True)
-    return 1 if failed else 0

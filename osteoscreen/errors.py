@@ -1,4 +1,9 @@
-"""One exception family, so the CLI and the servers can tell the caller's mistakes from our bugs."""
+"""One exception family, so the CLI and the servers can tell the caller's mistakes from our bugs, and the one
+table that says what each API answers for them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
 
 
 class OsteoScreenError(Exception):
@@ -45,3 +50,42 @@ class OutOfIntendedUseError(OsteoScreenError):
     def __init__(self, message: str, findings: tuple = ()) -> None:
         super().__init__(message)
         self.findings = findings
+
+
+# -- the one error table ------------------------------------------------------------------------------------
+# What every API answers for an exception, first match wins (a subclass before its base: OutOfIntendedUseError is
+# no ImageDecodeError, but DicomResultsError is one). `reason` labels the rejection metrics and the explanation
+# outcomes; gRPC codes are named, so this module needs no grpc import. Anything not listed is a bug: 500 /
+# INTERNAL with a reference, logged as types and code locations only (`osteoscreen.security.redact`).
+
+
+@dataclass(frozen=True)
+class ErrorAnswer:
+    http_status: int
+    grpc_code: str  # a grpc.StatusCode name
+    reason: str  # metric label: invalid_input | intended_use | overloaded | unavailable | deadline | internal
+    message: str
+
+
+TABLE: tuple[tuple[type[BaseException], int, str, str], ...] = (
+    (OutOfIntendedUseError, 422, "FAILED_PRECONDITION", "intended_use"),  # valid, but not what the model is for
+    (ImageDecodeError, 400, "INVALID_ARGUMENT", "invalid_input"),
+    (OverloadedError, 503, "RESOURCE_EXHAUSTED", "overloaded"),
+    (ModelUnavailableError, 503, "UNAVAILABLE", "unavailable"),
+    (ModelNotFoundError, 503, "UNAVAILABLE", "unavailable"),  # the tag comes from the server's settings
+    (TimeoutError, 504, "DEADLINE_EXCEEDED", "deadline"),
+)
+def answer_for(exc: BaseException, timeout: float | None = None) -> ErrorAnswer | None:
+    """The table's answer for `exc`; None for an unexpected exception (the caller logs it with a reference:
+    `osteoscreen.security.redact.internal_error`). Messages are the exception's own, written to be safe to
+    return; a timeout's names the caller's deadline."""
+    for kind, status, code, reason in TABLE:
+        if isinstance(exc, kind):
+            if kind is TimeoutError:
+                message = f"no answer within {timeout:g}s" if timeout else "the deadline passed before the answer"
+            elif kind is ModelNotFoundError:
+                message = f"no model loaded on this replica: {exc}"
+            else:
+                message = str(exc) or reason.replace("_", " ")
+            return ErrorAnswer(status, code, reason, message)
+    return None

@@ -1,5 +1,6 @@
-"""Values that cross module boundaries: one prediction, the contract every front end calls, and the shape of
-a (batched) model call."""
+"""Values that cross module boundaries: the model's input size and labels, the served model's identity, one
+prediction, the contract every front end calls, and the shape of a (batched) model call. The lowest layer:
+it imports nothing of ours, so every package can share these without a cycle."""
 
 from __future__ import annotations
 
@@ -10,9 +11,24 @@ from typing import Protocol, Sequence
 import numpy as np
 
 LABELS = ("normal", "osteoporosis")  # index 1 is the positive class
+INPUT_SIZE = 224  # every backbone sees 224x224, as the seed resized its images
 
 # A model call: a batch of N images (N, 224, 224, 1) float32 -> N rows of answers.
 InferFn = Callable[[np.ndarray], Awaitable[np.ndarray]]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The served model as every answer names it: what the model service's `info` returns, and what a bundle
+    says of itself (`ModelBundle.info`)."""
+
+    name: str
+    version: str
+    backbone: str
+    threshold: float
+    intended_use: dict | None = None  # the model card's `intended_use` (rules and content cut-off)
+    clinical: bool = False  # the model card records real (not phantom) training data; only then no "not for clinical use"
+    precision: str = "float32"  # the extractor's compute precision, as the model service chose it
 
 
 @dataclass(frozen=True)

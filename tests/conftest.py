@@ -14,6 +14,15 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
+@pytest.fixture(scope="session", autouse=True)
+def dicom_values_withheld() -> None:
+    """As `service.py` and the CLI do at start: pydicom's reports of invalid values lose the values (patient data)
+    in this process too, where tests build results in-process."""
+    from osteoscreen.security.dicom_values import withhold_values
+
+    withhold_values()
+
+
 @pytest.fixture(scope="session")
 def keras_home(tmp_path_factory) -> Path:
     """A KERAS_HOME with verified ImageNet VGG16 weights, provisioned offline by the real CLI once per run.

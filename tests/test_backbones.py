@@ -23,11 +23,14 @@ def _reference_features(reference: keras.Model, spec, gray: np.ndarray) -> dict[
     return out
 
 
-@pytest.mark.parametrize("name", ["vgg16", "resnet50", "inceptionv3"])
-def test_folded_grayscale_model_equals_three_channel_model(name):
+@pytest.mark.parametrize("name,layout", [("vgg16", "keras"), ("resnet50", "keras"), ("inceptionv3", "keras"),
+                                         ("inceptionv3", "google2015")])
+def test_folded_grayscale_model_equals_three_channel_model(name, layout):
+    """InceptionV3 in both layouts: Keras's, and the 2015 graph's that its offline weights come in (x/127.5 - 1)."""
     spec = get_spec(name)
     keras.utils.set_random_seed(1)
-    reference = backbones.reference_model(name, weights=None)
+    reference = backbones.reference_model(name, weights=None, layout=layout)
+    assert backbones.layout_of(reference) == layout
     extractor = backbones.extractor_from(reference, spec)
     assert extractor.input_shape == (None, 224, 224, 1)
     rng = np.random.default_rng(0)
@@ -60,11 +63,16 @@ def test_imagenet_vgg16_extractor_loads_verified_weights(use_keras_home):
     assert feats["block5_avg"].shape == (1, 512)
 
 
-@pytest.mark.parametrize("name", ["vgg16", "resnet50"])
+@pytest.mark.parametrize("name", ["vgg16", "resnet50", "inceptionv3"])
 def test_building_without_pretrained_weights_refuses(name, tmp_path, monkeypatch):
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "empty"))
     with pytest.raises(WeightsError, match=f"osteoscreen weights --backbone {name}"):
         backbones.build_extractor(name)
+
+
+def test_the_2015_layout_exists_for_inceptionv3_only():
+    with pytest.raises(ValueError, match="does not exist for vgg16"):
+        backbones.application(get_spec("vgg16"), layout="google2015")
 
 
 def test_unknown_weights_value_is_rejected():

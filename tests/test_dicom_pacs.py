@@ -24,7 +24,7 @@ import requests
 from PIL import Image
 
 from loadtest.server import free_port
-from osteoscreen import phantom
+from training import phantom
 from osteoscreen.dicom_results import reader, sr
 from osteoscreen.serving.grpc import screening
 from tests.inputs import good_png

@@ -106,8 +106,10 @@ def test_finding_follows_the_threshold_and_the_model_card_decides_the_clinical_c
     assert real.osteoporosis_present and sr.NOT_CLINICAL not in real.cautions
     assert any("DXA" in text for text in real.cautions)  # the screening caution stays, always
     # only a card that records real training data is clinical; the phantom and unknown provenance are not
-    assert sr.is_clinical({"training_data": {"synthetic": False}})
-    assert not sr.is_clinical({"training_data": {"synthetic": True}}) and not sr.is_clinical({})
+    from osteoscreen.model.bundle import is_clinical
+
+    assert is_clinical({"training_data": {"synthetic": False}})
+    assert not is_clinical({"training_data": {"synthetic": True}}) and not is_clinical({})
 
 
 def test_result_images_are_referenced_from_the_sr(tmp_path):
@@ -396,7 +398,7 @@ def test_a_one_part_patient_name_is_not_quoted_by_any_warning_or_log(caplog):
     """highdicom warns about a one-part person name by quoting it; that warning is patient data and is dropped."""
     import warnings
 
-    from osteoscreen.dicom_results import privacy
+    from osteoscreen.security import dicom_values as privacy
 
     one_part = "Quixwortsolo"
     data = retagged("RG1_J2KR", PatientName=one_part, PatientID=PATIENT_ID,

@@ -61,7 +61,7 @@ def test_overlay_is_an_rgb_png_with_the_radiograph_aspect_and_signed_colours():
 
 
 def test_phantom_body_mask_covers_the_vertebral_bodies_and_their_trabecular_bone():
-    from osteoscreen import phantom
+    from training import phantom
 
     sample = phantom.render_sample(-3.0, seed=4)
     bodies, trabecular = sample.body_mask, sample.trabecular_mask
@@ -78,7 +78,7 @@ def small_bundle():
     from sklearn.calibration import CalibratedClassifierCV
     from sklearn.ensemble import RandomForestClassifier
 
-    from osteoscreen import phantom
+    from training import phantom
     from osteoscreen.imaging.decode import to_model_input
     from osteoscreen.model import backbones
     from osteoscreen.model.bundle import ModelBundle
@@ -114,7 +114,7 @@ def test_explanation_map_sums_to_forest_output_minus_expected_value(small_bundle
 DELETION_SCRIPT = r"""
 import json, sys
 import numpy as np
-from osteoscreen import phantom
+from training import phantom
 from osteoscreen.explain import faithfulness as fx
 from osteoscreen.imaging.decode import to_model_input
 from osteoscreen.model import bundle

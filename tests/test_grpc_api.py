@@ -31,7 +31,8 @@ from tritonclient.utils import InferenceServerException
 
 from osteoscreen import codegen
 from osteoscreen.serving.grpc import screening as grpc_screening, v2 as grpc_v2
-from osteoscreen.client import ScreeningClient, predict_files_remote
+from osteoscreen.cli.predict import predict_files_remote
+from osteoscreen.client import ScreeningClient
 from osteoscreen.errors import ImageDecodeError, OverloadedError
 from osteoscreen.serving.grpc.server import GrpcServer, GrpcSettings
 from osteoscreen.types import Prediction

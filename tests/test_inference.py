@@ -312,9 +312,9 @@ def test_decodes_run_at_most_decode_threads_at_once(monkeypatch) -> None:
     import osteoscreen.serving.inference as inference
 
     lock, running, peak = threading.Lock(), [0], [0]
-    real_load = inference.load_image
+    real_load = inference.decode
 
-    def counting_load(data: bytes, hint: str | None = None) -> np.ndarray:
+    def counting_load(data: bytes, hint: str | None = None):
         with lock:
             running[0] += 1
             peak[0] = max(peak[0], running[0])
@@ -325,7 +325,7 @@ def test_decodes_run_at_most_decode_threads_at_once(monkeypatch) -> None:
             with lock:
                 running[0] -= 1
 
-    monkeypatch.setattr(inference, "load_image", counting_load)
+    monkeypatch.setattr(inference, "decode", counting_load)
 
     async def main() -> None:
         path = InferencePath(FakeModel(), decode_threads=2, policy=Policy.FLAG)

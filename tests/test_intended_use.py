@@ -90,6 +90,17 @@ def test_view_code_sequence_counts_when_view_position_is_empty():
     assert check_dataset(ds, RULES) == []
 
 
+def test_site_subgroups_read_ages_with_the_same_parser(tmp_path):
+    """One DICOM age parser: "000Y" (what de-identification writes for "removed") is no age 0 in the subgroup
+    tables either, and a real age lands in its decade band."""
+    from training.site.subgroups import _header
+
+    for age, band in (("000Y", "unknown"), ("070Y", "70-79")):
+        path = tmp_path / f"{age}.dcm"
+        path.write_bytes(lumbar_lateral(PatientAge=age, PatientBirthDate=""))
+        assert _header(path)["age_band"] == band
+
+
 # --- policy -------------------------------------------------------------------------------------------------
 
 def test_policy_from_the_environment(monkeypatch):

@@ -102,7 +102,7 @@ def _predict(env: dict, files: list[Path], *flags: str) -> tuple[dict[str, dict]
 @pytest.mark.slow
 def test_local_predict_accepts_unseen_phantoms_and_refuses_everything_else_with_its_reason(
         registered_model, unseen, outside, tmp_path):
-    upright = unseen[:FLIPPED]
+    upright = unseen[::len(unseen) // FLIPPED][:FLIPPED]
     flipped = {kind: [tmp_path / f"{kind}-{p.name}" for p in upright] for kind in FLIPS}
     for kind, transform in FLIPS.items():
         for p, out in zip(upright, flipped[kind], strict=True):
@@ -118,32 +118,34 @@ def test_local_predict_accepts_unseen_phantoms_and_refuses_everything_else_with_
         assert f"{check} check" in refused[name], refused[name]
     assert "CHEST" in refused["chest.dcm"] and "EXTREMITY" in refused["tibia.dcm"]
     assert status == 1
-    _flipped_are_accepted_and_answered_alike(answers, refused, upright, flipped)
+    _flipped_are_accepted_and_answered_alike(answers, refused, upright, flipped, unseen)
 
 
 FLIPS = {"upside-down": np.flipud, "mirrored": np.fliplr}
-FLIPPED = 20  # unseen phantoms that are also sent upside down and mirrored
+FLIPPED = 20  # unseen phantoms, of both classes, that are also sent upside down and mirrored
 
 
 def _flipped_are_accepted_and_answered_alike(answers: dict, refused: dict, upright: list[Path],
-                                             flipped: dict[str, list[Path]]) -> None:
+                                             flipped: dict[str, list[Path]], unseen: list[Path]) -> None:
     """docs/intended-use.md: upside-down and mirrored phantoms are accepted, on purpose, and the answer stays
     meaningful. Accepted: as often as the same phantoms upright, less one (the content check refuses an unseen
-    phantom now and then, flipped or not). Meaningful: flipping moves a phantom's probability much less than
-    telling two phantoms apart does (the median |difference| between the upright phantoms' probabilities)."""
+    phantom now and then, flipped or not). Meaningful: flipping moves a phantom's probability far less than
+    the classes lie apart (the difference between the unseen phantoms' mean probability per class, by their
+    folder). Measured in two runs: median moves of 0.03-0.06 (upside down) and 0.03-0.04 (mirrored), the
+    classes 0.40-0.41 apart, and 17-20 of 20 accepted in each orientation; the bound is a third of the gap."""
     kept = [p.name for p in upright if p.name in answers]
-    probability = {name: answers[name]["probability"] for name in kept}
-    between = float(np.median([abs(a - b) for i, a in enumerate(probability.values())
-                               for b in list(probability.values())[i + 1:]]))
+    by_class = {label: [answers[p.name]["probability"] for p in unseen if p.parent.name == label and p.name in answers]
+                for label in ("normal", "osteoporosis")}
+    apart = float(np.mean(by_class["osteoporosis"]) - np.mean(by_class["normal"]))
+    assert apart > 0.1, by_class  # the model tells the classes apart at all
     for kind, paths in flipped.items():
         taken = [p.name for p in paths if p.name in answers]
         assert len(taken) >= len(kept) - 1, (
             f"{kind}: {len(taken)} of {len(paths)} accepted, upright {len(kept)}: "
             f"{ {p.name: refused.get(p.name) for p in paths if p.name not in answers} }")
-        shifts = [abs(answers[f"{kind}-{name}"]["probability"] - probability[name]) for name in kept
-                  if f"{kind}-{name}" in answers]
-        print(kind, len(taken), len(kept), "median shift", np.median(shifts), "max", max(shifts), "between", between)
-        assert np.median(shifts) <= 0.25 * between, (kind, sorted(shifts), between)
+        moves = [abs(answers[f"{kind}-{name}"]["probability"] - answers[name]["probability"]) for name in kept
+                 if f"{kind}-{name}" in answers]
+        assert np.median(moves) <= apart / 3, (kind, sorted(moves), apart)
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 from scipy.stats import spearmanr
 
-from osteoscreen import phantom
+from training import phantom
 from osteoscreen.errors import DataError
 
 
@@ -214,7 +214,7 @@ def test_cli_synth_writes_a_set(tmp_path):
 
 
 def test_module_imports_without_tensorflow():
-    code = ("import sys, osteoscreen.phantom; "
+    code = ("import sys, training.phantom; "
             "print(sorted(m for m in ('tensorflow', 'keras', 'matplotlib') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr[-2000:]

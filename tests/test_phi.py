@@ -20,7 +20,7 @@ class ExplodingPredictor:
     def is_ready(self) -> bool:
         return True
 
-    async def predict(self, images, format_hints=None, timeout=None):
+    async def predict(self, images, format_hints=None, timeout=None, dicom=None):
         try:
             raise KeyError(f"PatientName={SECRET}")
         except KeyError as exc:

@@ -192,7 +192,7 @@ FEATURE_REL_TOLERANCE = 0.015
 
 
 def test_bfloat16_features_are_close_to_float32_on_phantoms(use_keras_home, tmp_path):
-    from osteoscreen import phantom
+    from training import phantom
     from osteoscreen.imaging.decode import load_image
     from osteoscreen.model.backbones import build_extractor, with_precision
 

@@ -195,9 +195,9 @@ def test_a_request_that_was_decoding_when_the_model_went_down_never_reaches_it(m
     import osteoscreen.serving.inference as inference
 
     decoding, finish = threading.Event(), threading.Event()
-    real_load = inference.load_image
+    real_load = inference.decode
 
-    def slow_load(data: bytes, hint: str | None = None) -> np.ndarray:
+    def slow_load(data: bytes, hint: str | None = None):
         decoding.set()
         finish.wait(10)
         return real_load(data, hint)
@@ -206,7 +206,7 @@ def test_a_request_that_was_decoding_when_the_model_went_down_never_reaches_it(m
         model = FakeModelService()
         path, watch = watched(model)
         await watch.check()
-        monkeypatch.setattr(inference, "load_image", slow_load)
+        monkeypatch.setattr(inference, "decode", slow_load)
         request = asyncio.create_task(path.predict([good_png(0)], timeout=30.0))
         await asyncio.to_thread(decoding.wait, 10)
         model.state = "dead"

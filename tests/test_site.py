@@ -19,7 +19,8 @@ from scipy.special import expit
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.ensemble import RandomForestClassifier
 
-from osteoscreen import cli, phantom
+from osteoscreen import cli
+from training import phantom
 from training.dataset import Sample
 from training.site import calibration, cohort, lineage, recalibrate, subgroups
 

@@ -23,7 +23,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from loadtest.certs import LocalPKI, issue, localhost_pki, make_ca
-from osteoscreen.client import ScreeningClient, predict_files_remote
+from osteoscreen.cli.predict import predict_files_remote
+from osteoscreen.client import ScreeningClient
 from osteoscreen.security.identity import AllowList, certificate_identities
 from osteoscreen.security.tls import CertificateFiles, TLSConfigError, TLSSettings
 from osteoscreen.serving.grpc.server import GrpcServer, GrpcSettings

@@ -3,9 +3,10 @@
 Choosing a backbone from test scores would be selection on the test split, so the rows are compared on
 the validation split, the backbone with the best validation AUC is chosen, and only it is scored on the
 test split, once; the others say so instead of showing test numbers. A backbone whose ImageNet weights
-cannot be had is listed as unavailable, never run with random weights in disguise; VGG16 with random
-weights is an explicit ablation row (validation only, never a candidate), to show what the pretrained
-features contribute.
+cannot be had is listed as unavailable (not run, with the reason), never run with random weights in
+disguise; VGG16 with random weights is an explicit ablation row (validation only, never a candidate), to
+show what the pretrained features contribute. Each ImageNet row names the release its weights are
+(`WeightsInfo.release`): InceptionV3's offline weights are Google's 2015 release, not Keras's.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import sys
 from pathlib import Path
 
 from osteoscreen.errors import WeightsError
+from osteoscreen.model import weights
 from osteoscreen.model.specs import BACKBONE_NAMES
 
 from training import dataset, evaluate
@@ -39,6 +41,22 @@ def validation_auc(outcome: Outcome, seed: int = 0) -> tuple[float, float, float
     return m["val_auc"], lo, hi
 
 
+def not_run_reason(exc: WeightsError) -> str:
+    """The table cell's short reason; the full message went to stderr."""
+    text = str(exc)
+    if "no offline package ships them" in text:
+        return "no offline source of ImageNet weights"
+    return text.split("; ")[0].split(". ")[0][:160]
+
+
+def release(backbone: str) -> str:
+    """Which ImageNet weights a row used, as their JSON records it ("ImageNet" for Keras's own release)."""
+    try:
+        return weights.load_info(backbone).release
+    except WeightsError:
+        return "ImageNet"
+
+
 def choose(outcomes: dict[tuple[str, bool], Outcome]) -> tuple[str, bool] | None:
     """The ImageNet backbone with the best validation AUC; the random-weights ablation is never a candidate."""
     candidates = [key for key in outcomes if not key[1]]
@@ -49,14 +67,14 @@ def run(data_dir: Path, reports: Path = Path("reports"), seed: int = 0, precisio
     data = load(data_dir)
     split = make_split(data, seed=seed)
     outcomes: dict[tuple[str, bool], Outcome] = {}
-    unavailable: list[str] = []
+    unavailable: dict[str, str] = {}
     for backbone, random_weights in [(name, False) for name in BACKBONE_NAMES] + [("vgg16", True)]:
         try:
             outcomes[(backbone, random_weights)] = evaluate_backbone(data, split, backbone, random_weights=random_weights,
                                                                      seed=seed, precision=precision)
         except WeightsError as exc:
             print(f"{backbone}: {exc}", file=sys.stderr)
-            unavailable.append(backbone)
+            unavailable[backbone] = not_run_reason(exc)
     chosen = choose(outcomes)
     if chosen is not None:
         score_test(outcomes[chosen], seed=seed)  # the test split's one use
@@ -67,16 +85,16 @@ def run(data_dir: Path, reports: Path = Path("reports"), seed: int = 0, precisio
     for backbone, random_weights in [(name, False) for name in BACKBONE_NAMES] + [("vgg16", True)]:
         seed_cell = "-" if random_weights else SEED_REPORTED[backbone]
         if backbone in unavailable and not random_weights:
-            rows.append(f"| {backbone} + RF | unavailable: no ImageNet weights here "
-                        f"(`osteoscreen weights --backbone {backbone} --from FILE`) | - | - | - | - | - | - | - | "
-                        f"{seed_cell} |")
+            rows.append(f"| {backbone} + RF | unavailable, not run: {unavailable[backbone]} "
+                        f"(`osteoscreen weights --backbone {backbone} --from FILE` with Keras's file) | - | - | - | - | "
+                        f"- | - | - | {seed_cell} |")
             continue
         outcome = outcomes.get((backbone, random_weights))
         if outcome is None:
             continue
         m = outcome.metrics
         auc, lo, hi = validation_auc(outcome, seed)
-        label = "random (ablation)" if random_weights else "ImageNet"
+        label = "random (ablation)" if random_weights else release(backbone)
         if (backbone, random_weights) == chosen:
             label += ", **chosen**"
             cells = " | ".join(_cell(m, k) for k in TEST_METRICS)

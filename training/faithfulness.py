@@ -20,10 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from osteoscreen import phantom
+from training import phantom
 from osteoscreen.explain import faithfulness as fx
 from osteoscreen.imaging.decode import decode_image, to_model_input
-from osteoscreen.model.specs import INPUT_SIZE
+from osteoscreen.types import INPUT_SIZE
 from training import dataset
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from osteoscreen import phantom
+from training import phantom
 from osteoscreen.intended_use import rules as intended_use
 from osteoscreen.intended_use.content import ContentCheck
 from osteoscreen.model import precision as precision_mod

@@ -24,20 +24,20 @@ from pydicom.sr.codedict import codes as dcm_codes
 from pydicom.uid import ExplicitVRLittleEndian
 
 import osteoscreen
-from osteoscreen.dicom_results import sr
+from osteoscreen.dicom_results.identity import MANUFACTURER, MODEL_NAME, NOT_CLINICAL, Algorithm, contributing_equipment
 from osteoscreen.errors import DicomResultsError
 from osteoscreen.types import Prediction
 
 log = logging.getLogger(__name__)
 
-SERIES_NUMBER = 9871  # right after the SR's series (sr.SERIES_NUMBER) in a viewer's series list
+SERIES_NUMBER = 9871  # right after the SR's series (9870) in a viewer's series list
 SERIES_DESCRIPTION = "OsteoScreen explanation"
 SOURCE_PURPOSE = dcm_codes.DCM.SourceImageForImageProcessingOperation  # 121322, CID 7202
 DERIVATION = dcm_codes.DCM.SpatialResampling  # CID 7203: the radiograph scaled to the overlay's size
 _PLACEHOLDER_ORIENTATION = ("L", "F")  # highdicom insists on one; replaced by the source's own below
 
 
-def build(source: Dataset, rgb: np.ndarray, prediction: Prediction, algorithm: sr.Algorithm) -> Dataset:
+def build(source: Dataset, rgb: np.ndarray, prediction: Prediction, algorithm: Algorithm) -> Dataset:
     """The Secondary Capture of `rgb` (uint8, (rows, columns, 3): the overlay at the radiograph's aspect) in
     `source`'s study. `prediction` is the explained result: its intended-use findings are named in the
     derivation description, as the SR names them."""
@@ -52,7 +52,7 @@ def build(source: Dataset, rgb: np.ndarray, prediction: Prediction, algorithm: s
                                 "patient or study attributes has a value DICOM does not allow") from None
 
 
-def description(rgb_shape: tuple[int, ...], prediction: Prediction, algorithm: sr.Algorithm) -> str:
+def description(rgb_shape: tuple[int, ...], prediction: Prediction, algorithm: Algorithm) -> str:
     """What the image is, for the Derivation Description (a viewer shows it with the image's details)."""
     rows, columns = rgb_shape[:2]
     text = (f"OsteoScreen explanation of the probability of osteoporosis ({prediction.probability:.3f}, "
@@ -63,11 +63,11 @@ def description(rgb_shape: tuple[int, ...], prediction: Prediction, algorithm: s
         text += (" OUTSIDE INTENDED USE, NOT A SCREENING RESULT: failed "
                  + "; ".join(f"{f.check} check ({f.reason})" for f in prediction.findings) + ".")
     if not algorithm.clinical:
-        text += " " + sr.NOT_CLINICAL
+        text += " " + NOT_CLINICAL
     return text[:1024]  # ST
 
 
-def _build(source: Dataset, rgb: np.ndarray, prediction: Prediction, algorithm: sr.Algorithm) -> Dataset:
+def _build(source: Dataset, rgb: np.ndarray, prediction: Prediction, algorithm: Algorithm) -> Dataset:
     laterality = str(source.get("Laterality", "") or "").strip().upper()
     image = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=source,
@@ -79,12 +79,12 @@ def _build(source: Dataset, rgb: np.ndarray, prediction: Prediction, algorithm: 
         series_number=SERIES_NUMBER,
         sop_instance_uid=hd.UID(),
         instance_number=1,
-        manufacturer=sr.MANUFACTURER,
+        manufacturer=MANUFACTURER,
         patient_orientation=_PLACEHOLDER_ORIENTATION,
         laterality=laterality if laterality in ("R", "L") else None,
         transfer_syntax_uid=ExplicitVRLittleEndian,
-        contributing_equipment=[sr.contributing_equipment(algorithm)],
-        manufacturer_model_name=sr.MODEL_NAME,
+        contributing_equipment=[contributing_equipment(algorithm)],
+        manufacturer_model_name=MODEL_NAME,
         software_versions=f"{osteoscreen.__version__} {algorithm.tag}"[:64],
         series_description=SERIES_DESCRIPTION + ("" if algorithm.clinical else " - NOT FOR CLINICAL USE"),
     )

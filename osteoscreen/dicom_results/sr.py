@@ -24,7 +24,6 @@ from __future__ import annotations
 import io
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import highdicom as hd
 import numpy as np
@@ -34,45 +33,23 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
 import osteoscreen
-from osteoscreen.dicom_results import codes, privacy
+from osteoscreen.dicom_results import codes, sc
+# re-exported: the identity every result carries
+from osteoscreen.dicom_results.identity import (MANUFACTURER, MODEL_NAME, NOT_CLINICAL, Algorithm,  # noqa: F401
+                                               contributing_equipment, encode)
 from osteoscreen.errors import DicomResultsError
 from osteoscreen.types import LABELS, DicomResults, Prediction
 
 log = logging.getLogger(__name__)
-privacy.withhold_values()
 
-MANUFACTURER = "OsteoScreen"
-MODEL_NAME = "OsteoScreen osteoporosis screening"
 SERIES_NUMBER = 9870  # a high number keeps our series after the acquisition's own in viewers' series lists
 SERIES_DESCRIPTION = "OsteoScreen AI result"
 SERIES_DESCRIPTION_OUTSIDE = "OsteoScreen AI result - OUTSIDE INTENDED USE"
 SCREENING_CAUTION = ("Screening aid, not a diagnosis: a positive result needs confirmation by DXA bone densitometry; "
                      "a negative result does not exclude osteoporosis.")
-NOT_CLINICAL = "NOT FOR CLINICAL USE: this model was trained on synthetic (phantom) or unrecorded data."
 NOT_SCREENING = ("NOT A SCREENING RESULT: this image failed the model's intended-use checks ({checks}); the "
                  "probability is reported for research and site validation only, and no finding is made.")
 REQUIRED = ("StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID", "SOPInstanceUID")
-
-
-@dataclass(frozen=True)
-class Algorithm:
-    """The model as the SR identifies it. `clinical` is True only when the model card records that real
-    radiographs (not the demo phantom) trained it; unknown provenance counts as not clinical."""
-
-    name: str
-    version: str
-    backbone: str
-    clinical: bool = False
-
-    @property
-    def tag(self) -> str:
-        return f"{self.name}:{self.version}"
-
-
-def is_clinical(model_card: dict) -> bool:
-    """A model is clinical only when its card records real training data; the demo phantom and cards from
-    before provenance was recorded are not."""
-    return (model_card.get("training_data") or {}).get("synthetic") is False
 
 
 def require_dicom(data: bytes, format_hint: str | None = None) -> None:
@@ -91,6 +68,15 @@ def read_source(data: bytes, format_hint: str | None = None) -> Dataset:
         ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=format_hint == "dicom")
     except Exception:  # noqa: BLE001 - pydicom raises many types; the chained text may quote the input
         raise DicomResultsError("the DICOM header could not be read, so no DICOM result can be built") from None
+    return check_source(ds)
+
+
+def check_source(ds: Dataset | None) -> Dataset:
+    """`ds` (a decoded input's header; None: the input was not DICOM) if it has the UIDs a PACS files results
+    by; DicomResultsError otherwise."""
+    if ds is None:
+        raise DicomResultsError("DICOM results need a DICOM input; this image is not DICOM (send the DICOM file, "
+                                "or ask for JSON)")
     missing = [k for k in REQUIRED if not str(ds.get(k, "") or "").strip()]
     if missing:
         raise DicomResultsError(f"the DICOM input lacks {', '.join(missing)}, needed to file a result in its study")
@@ -111,34 +97,18 @@ def build(source: Dataset, prediction: Prediction, algorithm: Algorithm,
                                 "attributes has a value DICOM does not allow") from None
 
 
-def to_results(source_bytes: bytes, prediction: Prediction, algorithm: Algorithm, format_hint: str | None = None,
+def to_results(source: bytes | Dataset, prediction: Prediction, algorithm: Algorithm, format_hint: str | None = None,
                result_images: Sequence[Dataset] = (), overlay_rgb: np.ndarray | None = None) -> DicomResults:
-    """Bytes in, bytes out: the SR (and the result images) as DICOM Part 10 files. `overlay_rgb` (the
-    explanation overlay, uint8 RGB) becomes a Secondary Capture in the source's study that the SR references."""
-    source = read_source(source_bytes, format_hint)
+    """The SR (and the result images) as DICOM Part 10 files, from the source's header (`Decoded.header`, or
+    the source file's bytes). `overlay_rgb` (the explanation overlay, uint8 RGB) becomes a Secondary Capture
+    in the source's study that the SR references."""
+    source = check_source(source) if isinstance(source, Dataset) else read_source(source, format_hint)
     images = list(result_images)
     if overlay_rgb is not None:
-        from osteoscreen.dicom_results import sc
-
         images.append(sc.build(source, overlay_rgb, prediction, algorithm))
     sr = build(source, prediction, algorithm, images)
     return DicomResults(sr=encode(sr), sr_sop_instance_uid=str(sr.SOPInstanceUID),
                         images=tuple(encode(image) for image in images))
-
-
-def contributing_equipment(algorithm: Algorithm) -> hd.ContributingEquipment:
-    """The algorithm as Contributing Equipment (IHE AIR). Purpose (109102, DCM, "Processing Equipment"): DICOM's
-    CID 7005 has no "processing algorithm" concept, so the description says it (README: Codes)."""
-    return hd.ContributingEquipment(
-        manufacturer=MANUFACTURER, purpose_of_reference=codes.PROCESSING_EQUIPMENT,
-        manufacturer_model_name=MODEL_NAME, software_versions=algorithm.tag[:64],
-        contribution_description=f"Processing Algorithm: {MODEL_NAME}, model {algorithm.tag}")
-
-
-def encode(ds: Dataset) -> bytes:
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
 
 
 def _build(source: Dataset, prediction: Prediction, algorithm: Algorithm,

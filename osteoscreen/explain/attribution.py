@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from osteoscreen.model.specs import INPUT_SIZE
+from osteoscreen.types import INPUT_SIZE
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,11 @@
 """The one path from uploaded bytes to a validated model input, shared by training and serving.
 
-    bytes --decode_image--> 2-D float32 in [0, 1], native resolution (a large JPEG 2000 DICOM: a reduced
-                            wavelet level, >= 448 px a side), bone bright
+    bytes --decode--> Decoded: 2-D float32 in [0, 1], native resolution (a large JPEG 2000 DICOM: a reduced
+                      wavelet level, >= 448 px a side), bone bright; and a DICOM file's header
           --to_model_input--> float32 (224, 224, 1), intensities 0..255
 
-`load_image` does both and is what everyone calls. Every way the bytes can be unusable ends in an
+The server keeps the `Decoded` (its header feeds the intended-use checks and the SR); `load_image` does both
+steps for callers that need only the model input. Every way the bytes can be unusable ends in an
 `ImageDecodeError` whose message can go back to a remote client verbatim (HTTP 400 / gRPC
 INVALID_ARGUMENT); the underlying exception is chained (`raise ... from`) for the server's logs.
 
@@ -22,20 +23,25 @@ import io
 import math
 import zlib
 
+from dataclasses import dataclass
+
 import numpy as np
 from PIL import Image
+from pydicom.dataset import Dataset
 
 from osteoscreen import settings
 from osteoscreen.imaging.dicom import decode_dicom, jpeg_frame_header
 from osteoscreen.errors import ImageDecodeError
 from osteoscreen.imaging.limits import check_dimensions
-from osteoscreen.model.specs import INPUT_SIZE
+from osteoscreen.types import INPUT_SIZE
 
 __all__ = [
+    "Decoded",
     "FORMATS",
     "MAX_BYTES",
     "MAX_PIXELS",
     "MIN_SIDE",
+    "decode",
     "decode_image",
     "detect_format",
     "load_image",
@@ -90,12 +96,27 @@ _OTHER_SIGNATURES = (
 # -- public API --------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Decoded:
+    """One uploaded file, parsed once: its pixels and, for DICOM, its header (the dataset without pixel data),
+    which the intended-use checks, the result and the SR builder read instead of parsing the bytes again."""
+
+    pixels: np.ndarray  # 2-D float32 in [0, 1], bone bright
+    format: str  # png | jpeg | dicom
+    header: Dataset | None = None  # DICOM only
+
+
 def load_image(data: bytes, format_hint: str | None = None, size: int = INPUT_SIZE) -> np.ndarray:
     """Bytes of a PNG, JPEG or DICOM radiograph -> model input, float32 (size, size, 1) in 0..255."""
     return to_model_input(decode_image(data, format_hint), size)
 
 
 def decode_image(data: bytes, format_hint: str | None = None) -> np.ndarray:
+    """The pixels of `decode`, for callers that need no header (training, tools)."""
+    return decode(data, format_hint).pixels
+
+
+def decode(data: bytes, format_hint: str | None = None) -> Decoded:
     """Decode an uploaded image to a 2-D float32 array in [0, 1] at its native resolution (a large JPEG 2000
     DICOM at a reduced one, `osteoscreen.imaging.jpeg2000`), displayed as a radiologist would see it (bone bright).
 
@@ -117,7 +138,9 @@ def decode_image(data: bytes, format_hint: str | None = None) -> np.ndarray:
     detected = detect_format(data)
     if detected is None:
         if hint == "dicom":  # no preamble: let pydicom try, then validate like any DICOM
-            return decode_dicom(data, max_pixels=MAX_PIXELS, min_side=MIN_SIDE, max_bytes=MAX_BYTES, force=True)
+            pixels, header = decode_dicom(data, max_pixels=MAX_PIXELS, min_side=MIN_SIDE, max_bytes=MAX_BYTES,
+                                          force=True)
+            return Decoded(pixels, "dicom", header)
         raise ImageDecodeError(
             "unsupported or unrecognised image format; send PNG, JPEG or DICOM"
             + (f" (the content is not {hint.upper()})" if hint else "")
@@ -129,8 +152,9 @@ def decode_image(data: bytes, format_hint: str | None = None) -> np.ndarray:
             f"the format hint says {hint.upper()} but the content is {detected.upper()}"
         )
     if detected == "dicom":
-        return decode_dicom(data, max_pixels=MAX_PIXELS, min_side=MIN_SIDE, max_bytes=MAX_BYTES)
-    return _decode_pillow(data, detected)
+        pixels, header = decode_dicom(data, max_pixels=MAX_PIXELS, min_side=MIN_SIDE, max_bytes=MAX_BYTES)
+        return Decoded(pixels, "dicom", header)
+    return Decoded(_decode_pillow(data, detected), detected)
 
 
 def to_model_input(gray: np.ndarray, size: int = INPUT_SIZE) -> np.ndarray:

@@ -71,8 +71,10 @@ LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 def decode_dicom(
     data: bytes, *, max_pixels: int, min_side: int, max_bytes: int, force: bool = False
-) -> np.ndarray:
-    """Decode one DICOM image to a 2-D float32 array in [0, 1], bone bright.
+) -> tuple[np.ndarray, Dataset]:
+    """Decode one DICOM image to a 2-D float32 array in [0, 1], bone bright, and its header: the dataset
+    without its pixel data, which the intended-use checks and the DICOM results read, so that a request's
+    bytes are parsed once (and its stored pixels not held while it waits for the model).
 
     `force=True` reads a dataset without the 128-byte preamble and 'DICM' prefix; the caller only
     sets it when the client said the bytes are DICOM, and the header checks below still apply.
@@ -83,6 +85,12 @@ def decode_dicom(
     if force and "PixelData" not in ds:
         # pydicom will "parse" any bytes when forced; without an image in them it was not DICOM.
         raise ImageDecodeError("the content is not a DICOM image (no DICOM preamble and no pixel data)")
+    pixels = _decode_image(ds, max_pixels=max_pixels, min_side=min_side)
+    del ds.PixelData  # also drops pydicom's cached array
+    return pixels, ds
+
+
+def _decode_image(ds: Dataset, *, max_pixels: int, min_side: int) -> np.ndarray:
     photometric = _check_header(ds, max_pixels=max_pixels, min_side=min_side)
     # A large JPEG 2000 film is decoded at the resolution the model needs, not the scanner's; None: in full.
     reduced = jpeg2000.decode_reduced(ds) if photometric in MONOCHROME_INTERPRETATIONS else None

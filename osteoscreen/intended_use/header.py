@@ -37,9 +37,14 @@ def read_header(data: bytes, format_hint: str | None = None) -> Dataset | None:
 
 
 def header_findings(data: bytes, format_hint: str | None, rules: IntendedUse) -> list[Finding]:
-    """What the DICOM header of `data` says against `rules`; [] for PNG/JPEG and for headers that agree."""
-    ds = read_header(data, format_hint)
-    return [] if ds is None else check_dataset(ds, rules)
+    """What the DICOM header of `data` says against `rules`; [] for PNG/JPEG and for headers that agree. For
+    files read without decoding (training manifests, site validation); a server checks `Decoded.header`."""
+    return decoded_findings(read_header(data, format_hint), rules)
+
+
+def decoded_findings(header: Dataset | None, rules: IntendedUse) -> list[Finding]:
+    """The header checks on an already parsed header (`imaging.decode.Decoded.header`; None: not DICOM)."""
+    return [] if header is None else check_dataset(header, rules)
 
 
 def check_dataset(ds: Dataset, rules: IntendedUse) -> list[Finding]:

@@ -22,8 +22,10 @@ import warnings
 import keras
 import numpy as np
 
+from osteoscreen.model import inception_fid
 from osteoscreen.model import weights as weights_mod
-from osteoscreen.model.specs import INPUT_SIZE, POOLINGS, BackboneSpec, get_spec
+from osteoscreen.model.specs import POOLINGS, BackboneSpec, get_spec
+from osteoscreen.types import INPUT_SIZE
 
 IMAGENET = "imagenet"
 
@@ -39,19 +41,37 @@ class AppendOnes(keras.layers.Layer):
         return (*input_shape[:-1], 2 * input_shape[-1])
 
 
-def reference_model(backbone: str, weights: str | None = IMAGENET) -> keras.Model:
-    """The unmodified three-channel Keras application (no top), with verified ImageNet weights.
+LAYOUTS = ("keras", inception_fid.LAYOUT)
 
-    `weights=None` gives random weights, which must be asked for explicitly: never a silent fallback.
+
+def application(spec: BackboneSpec, channels: int = 3, layout: str = "keras") -> keras.Model:
+    """The no-top network with random weights: Keras's application, or for InceptionV3 weights from Google's
+    2015 release the 2015 graph's layout (its last block max-pools), which those weights were trained in."""
+    if layout not in LAYOUTS or (layout == inception_fid.LAYOUT and spec.name != "inceptionv3"):
+        raise ValueError(f"layout {layout!r} does not exist for {spec.name}")
+    if layout == inception_fid.LAYOUT:
+        return inception_fid.build((INPUT_SIZE, INPUT_SIZE, channels))
+    return getattr(keras.applications, spec.keras_app)(
+        weights=None, include_top=False, input_shape=(INPUT_SIZE, INPUT_SIZE, channels)
+    )
+
+
+def layout_of(model: keras.Model) -> str:
+    return inception_fid.LAYOUT if model.name == inception_fid.MODEL_NAME else "keras"
+
+
+def reference_model(backbone: str, weights: str | None = IMAGENET, layout: str = "keras") -> keras.Model:
+    """The unmodified three-channel network (no top), with verified ImageNet weights.
+
+    The layout the weights were provisioned for is taken from their JSON (`layout` only shapes a random
+    model). `weights=None` gives random weights, which must be asked for explicitly: never a silent fallback.
     """
     spec = get_spec(backbone)
     if weights not in (IMAGENET, None):
         raise ValueError(f"weights must be {IMAGENET!r} or None (random, explicit opt-in), not {weights!r}")
-    model = getattr(keras.applications, spec.keras_app)(
-        weights=None, include_top=False, input_shape=(INPUT_SIZE, INPUT_SIZE, 3)
-    )
-    if weights == IMAGENET:
-        info = weights_mod.load_info(backbone)  # raises WeightsError if missing or tampered
+    info = weights_mod.load_info(backbone) if weights == IMAGENET else None  # raises WeightsError if missing/tampered
+    model = application(spec, 3, info.layout if info else layout)
+    if info is not None:
         model.load_weights(info.path)
     return model
 
@@ -60,9 +80,7 @@ def fold_first_conv(reference: keras.Model, spec: BackboneSpec) -> keras.Model:
     """A copy of `reference` whose input is [gray, ones], preprocessing folded into the first conv."""
     with warnings.catch_warnings():  # Keras warns about the unusual channel count; it is intended here
         warnings.simplefilter("ignore", UserWarning)
-        two_channel = getattr(keras.applications, spec.keras_app)(
-            weights=None, include_top=False, input_shape=(INPUT_SIZE, INPUT_SIZE, 2)
-        )
+        two_channel = application(spec, 2, layout_of(reference))
     folded_first = False
     for ref_layer, layer in zip(reference.layers, two_channel.layers, strict=True):
         w = ref_layer.get_weights()
@@ -156,5 +174,5 @@ def with_precision(extractor: keras.Model, precision: str) -> keras.Model:
     return converted
 
 
-__all__ = ["AppendOnes", "IMAGENET", "build_extractor", "candidate_features", "extractor_from", "fold_first_conv", "reference_model",
+__all__ = ["AppendOnes", "IMAGENET", "application", "build_extractor", "layout_of", "candidate_features", "extractor_from", "fold_first_conv", "reference_model",
            "with_precision"]

@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 
 from osteoscreen.errors import ModelNotFoundError
-from osteoscreen.types import LABELS, Prediction
+from osteoscreen.intended_use.rules import IntendedUse
+from osteoscreen.types import ModelInfo
 
 MODEL_NAME = "osteoscreen"
 _EXTRACTOR_FILE = "extractor.keras"
@@ -70,22 +71,29 @@ class ModelBundle:
         return probabilities, self.content_check.scores(features)
 
     @property
-    def intended_use(self):
-        """The model card's intended use (`osteoscreen.intended_use.rules.IntendedUse`)."""
-        from osteoscreen.intended_use.rules import IntendedUse
-
+    def intended_use(self) -> IntendedUse:
+        """The model card's intended use."""
         return IntendedUse.from_dict(self.metadata.get("intended_use"))
 
-    def predictions(self, batch: np.ndarray) -> list[Prediction]:
-        return [self.prediction(float(p)) for p in self.probabilities(batch)]
+    @property
+    def clinical(self) -> bool:
+        return is_clinical(self.metadata)
 
-    def prediction(self, probability: float) -> Prediction:
-        label = LABELS[1] if probability >= self.threshold else LABELS[0]
-        return Prediction(probability, label, self.threshold, self.name, self.version)
+    @property
+    def info(self) -> ModelInfo:
+        """The model as answers name it (the model service's `info`)."""
+        return ModelInfo(self.name, self.version, self.backbone, self.threshold,
+                         self.intended_use.to_dict(), self.clinical, self.precision)
 
     @property
     def tag(self) -> str:
         return f"{self.name}:{self.version}"
+
+
+def is_clinical(model_card: dict) -> bool:
+    """A model is clinical only when its card records real training data; the demo phantom and cards from
+    before provenance was recorded are not (their SRs say "not for clinical use")."""
+    return (model_card.get("training_data") or {}).get("synthetic") is False
 
 
 def screening_probability(classifier: Any, features: np.ndarray) -> np.ndarray:

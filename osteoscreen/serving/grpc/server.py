@@ -21,7 +21,6 @@ import contextlib
 import inspect
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -31,14 +30,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from osteoscreen import settings
-from osteoscreen.security.redact import traceback_without_messages
+from osteoscreen.security.redact import internal_error
 from osteoscreen.security.tls import CertificateFiles, TLSSettings
 from osteoscreen.serving.grpc import screening, v2
 from osteoscreen.serving.grpc.tls import AllowedCallers, server_credentials
 from osteoscreen.serving import metrics
 from osteoscreen._generated import POOL
-from osteoscreen.errors import (ImageDecodeError, ModelNotFoundError, ModelUnavailableError, OutOfIntendedUseError,
-                                OverloadedError)
+from osteoscreen import errors
+from osteoscreen.errors import answer_for
 from osteoscreen.serving.explanations import ExplainPath
 from osteoscreen.types import Predictor
 
@@ -52,13 +51,8 @@ PREDICTION_METHODS = {
     (screening.SERVICE_NAME, "PredictStream"),
     (v2.SERVICE_NAME, "ModelInfer"),
 }
-REJECTION_REASONS = {
-    grpc.StatusCode.INVALID_ARGUMENT: "invalid_input",
-    grpc.StatusCode.FAILED_PRECONDITION: "intended_use",
-    grpc.StatusCode.RESOURCE_EXHAUSTED: "overloaded",
-    grpc.StatusCode.DEADLINE_EXCEEDED: "deadline",
-    grpc.StatusCode.UNAVAILABLE: "unavailable",
-}
+# the rejection metric's reason for a status, also for the guard's own refusals (admission, draining)
+REJECTION_REASONS = {grpc.StatusCode[code]: reason for _, _, code, reason in errors.TABLE}
 _CODES_BY_VALUE = {code.value[0]: code for code in grpc.StatusCode}
 READINESS_POLL_S = 1.0
 # RPCs beyond the prediction limit, so health checks still get through under load; few, because any RPC may
@@ -95,24 +89,12 @@ class GrpcSettings:
 
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The one map from exceptions to gRPC status, for every servicer. Unknown errors get a generic
-    message (never a traceback) plus a reference that is also in the server log."""
-    if isinstance(exc, OutOfIntendedUseError):  # a valid image the model is not for: retrying cannot help
-        return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
-    if isinstance(exc, ImageDecodeError):
-        return grpc.StatusCode.INVALID_ARGUMENT, str(exc) or "the image could not be decoded"
-    if isinstance(exc, OverloadedError):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc) or "the server is overloaded; retry with backoff"
-    if isinstance(exc, ModelUnavailableError):
-        return grpc.StatusCode.UNAVAILABLE, str(exc)
-    if isinstance(exc, TimeoutError):
-        return grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before the prediction finished"
-    if isinstance(exc, ModelNotFoundError):
-        log.error("no model to serve: %s", exc)  # a tag from the server's settings, not from a request
-        return grpc.StatusCode.UNAVAILABLE, f"no model loaded on this replica: {exc}"
-    ref = uuid.uuid4().hex[:12]
-    log.error("internal error in gRPC call (ref %s)\n%s", ref, traceback_without_messages(exc))
-    return grpc.StatusCode.INTERNAL, f"internal server error (ref {ref}); see the server log"
+    """The error table's gRPC side (`osteoscreen.errors.answer_for`), for every servicer. Unknown errors get
+    INTERNAL and a reference that is also in the server log, never their message."""
+    answer = answer_for(exc)
+    if answer is None:
+        return grpc.StatusCode.INTERNAL, internal_error(log, "gRPC call", exc)
+    return grpc.StatusCode[answer.grpc_code], answer.message
 
 
 def _code_of(context: grpc.aio.ServicerContext, default: grpc.StatusCode) -> grpc.StatusCode:

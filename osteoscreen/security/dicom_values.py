@@ -1,8 +1,9 @@
 """Patient data stays out of logs: pydicom reports an attribute value it finds invalid by quoting it, both as a
 log record (logger "pydicom") and as a UserWarning, which a server writes to its log. A DICOM input's values are
 patient data (a malformed Patient's Name is still a name), so those reports lose the value here: the record
-keeps the VR, the warning is dropped; so is highdicom's warning about a one-part person name, which quotes it. Installed once per process by `osteoscreen.dicom_results.sr`, which the
-serving front and `osteoscreen predict` import, so it covers the decoding of every DICOM input there too."""
+keeps the VR, the warning is dropped; so is highdicom's warning about a one-part person name, which quotes it.
+Installed explicitly at start-up, by `service.py` in every server process and by the CLI's `main`, before any
+DICOM input is read: not as a side effect of importing some module that happens to come first."""
 
 from __future__ import annotations
 

@@ -25,7 +25,7 @@ def _cmd_weights(args: argparse.Namespace) -> int:
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
-    from osteoscreen import phantom
+    from training import phantom
 
     from osteoscreen.errors import DataError
 
@@ -81,7 +81,7 @@ def _cmd_recalibrate(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from osteoscreen import predict
+    from osteoscreen.cli import predict
 
     if (args.cert is None) != (args.key is None):
         print("osteoscreen predict: error: --cert and --key go together (mutual TLS)", file=sys.stderr)
@@ -92,13 +92,13 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
-    from osteoscreen.explain import files
+    from osteoscreen.cli import explain
 
     if args.out is None and args.dicom_out is None:
         print("osteoscreen explain: give --out DIR (overlay PNGs), --dicom-out DIR (DICOM results) or both",
               file=sys.stderr)
         return 2
-    return files.run(args.files, Path(args.out) if args.out else None, model_tag=args.model, server=args.server,
+    return explain.run(args.files, Path(args.out) if args.out else None, model_tag=args.model, server=args.server,
                      tls=args.tls, dicom_out=Path(args.dicom_out) if args.dicom_out else None)
 
 
@@ -239,6 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from osteoscreen import settings
     from osteoscreen.errors import OsteoScreenError
+    from osteoscreen.security.dicom_values import withhold_values
+
+    withhold_values()  # DICOM inputs' values stay out of the output, as on the server
 
     try:
         settings.current()  # every setting validated before any work: a bad one is this command's one error line

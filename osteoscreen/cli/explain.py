@@ -4,20 +4,16 @@ Locally it loads the registered model (TensorFlow, imported only then); with --s
 `Explain`. `--dicom-out` writes each DICOM input's results there, the SR and the overlay as a DICOM Secondary
 Capture it references (`osteoscreen.dicom_results`); they follow OSTEOSCREEN_INTENDED_USE as predictions do
 (refuse: an image outside the intended use gets no results), and a non-DICOM file then is an error.
-
-A file that cannot be read or is refused gets one line on stderr and exit status 1; the others are still
-explained, as with `osteoscreen predict`.
+Lines and failures as `osteoscreen.cli.files` says.
 """
 
 from __future__ import annotations
 
-import json
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from osteoscreen.cli.files import Finish, each_file
 from osteoscreen.dicom_results import files as result_files
-from osteoscreen.errors import ImageDecodeError, OutOfIntendedUseError
 
 
 def _overlay_name(out: Path, path: str, taken: set[str]) -> Path:
@@ -38,66 +34,51 @@ def run(files: Sequence[str], out: Path | None, model_tag: str | None = None, se
         out.mkdir(parents=True, exist_ok=True)
     dicom = dicom_out is not None
     explain_one = _remote(server, tls, dicom) if server else _local(model_tag, dicom)
-    status, taken = 0, set()
-    for name in files:
-        try:
+    taken: set[str] = set()
+
+    def start(name: str) -> Finish:
+        def finish() -> dict:
             result = explain_one(Path(name).read_bytes())
-        except (OSError, ImageDecodeError) as exc:
-            print(f"{name}: error: {exc}", file=sys.stderr)
-            status = 1
-            continue
-        except OutOfIntendedUseError as exc:
-            print(f"{name}: refused: {exc}", file=sys.stderr)
-            status = 1
-            continue
-        except Exception as exc:  # noqa: BLE001 - a gRPC refusal of one file must not stop the others
-            if server and hasattr(exc, "code"):
-                print(f"{name}: error: {exc.code().name}: {exc.details()}", file=sys.stderr)
-                status = 1
-                continue
-            raise
-        line = {"path": name, "probability": round(result["probability"], 6), "label": result["label"]}
-        if out is not None:
-            target = _overlay_name(out, name, taken)
-            target.write_bytes(result["overlay_png"])
-            line["overlay"] = str(target)
-        if dicom_out is not None:
-            line["dicom"] = [str(path) for path in result_files.write(result["dicom"], dicom_out)]
-        print(json.dumps(line), flush=True)
-    return status
+            line = {"probability": round(result["probability"], 6), "label": result["label"]}
+            if out is not None:
+                target = _overlay_name(out, name, taken)
+                target.write_bytes(result["overlay_png"])
+                line["overlay"] = str(target)
+            if dicom_out is not None:
+                line["dicom"] = [str(path) for path in result_files.write(result["dicom"], dicom_out)]
+            return line
+        return finish
+
+    return each_file(list(files), start)
 
 
 def _local(model_tag: str | None, dicom: bool) -> Callable[[bytes], dict]:
-    import dataclasses
-
     from osteoscreen.dicom_results import sr
     from osteoscreen.explain.overlay import overlay_rgb, png_of
-    from osteoscreen.imaging.decode import decode_image, to_model_input
-    from osteoscreen.intended_use.header import header_findings
-    from osteoscreen.intended_use.policy import Policy, content_finding, enforce
+    from osteoscreen.imaging.decode import decode, to_model_input
+    from osteoscreen.intended_use.header import decoded_findings
+    from osteoscreen.intended_use.policy import Policy, enforce
     from osteoscreen.model import bundle
     from osteoscreen.model.explainer import Explainer
+    from osteoscreen.results import assemble
 
     model = bundle.load(model_tag)
     explainer = Explainer(model)
-    rules, policy = model.intended_use, Policy.from_env()
-    algorithm = sr.Algorithm(model.name, model.version, model.backbone, sr.is_clinical(model.metadata))
+    rules, policy, info = model.intended_use, Policy.from_env(), model.info
+    algorithm = sr.Algorithm.of(info)
 
     def explain(data: bytes) -> dict:
         if dicom:
             sr.require_dicom(data)
-        gray = decode_image(data)
-        found = header_findings(data, None, rules)
-        e = explainer.explain(to_model_input(gray))
-        content = content_finding(e.content_score, rules.content_cutoff)
-        found += [content] if content else []
+        decoded = decode(data)
+        e = explainer.explain(to_model_input(decoded.pixels))
+        prediction = assemble(e.probability, e.content_score, decoded_findings(decoded.header, rules), info, rules)
         if dicom:
-            enforce([found], policy)  # a DICOM result is what a PACS stores: the operator's policy applies
-        rgb = overlay_rgb(gray, e.attribution)
-        prediction = dataclasses.replace(model.prediction(e.probability), findings=tuple(found))
+            enforce([prediction.findings], policy)  # a DICOM result is what a PACS stores: the operator's policy
+        rgb = overlay_rgb(decoded.pixels, e.attribution)
         result = {"probability": e.probability, "label": prediction.label, "overlay_png": png_of(rgb)}
         if dicom:
-            result["dicom"] = sr.to_results(data, prediction, algorithm, overlay_rgb=rgb)
+            result["dicom"] = sr.to_results(decoded.header, prediction, algorithm, overlay_rgb=rgb)
         return result
 
     return explain
