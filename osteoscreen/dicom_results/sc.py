@@ -23,8 +23,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes as dcm_codes
 from pydicom.uid import ExplicitVRLittleEndian
 
-import osteoscreen
-from osteoscreen.dicom_results.identity import MANUFACTURER, MODEL_NAME, NOT_CLINICAL, Algorithm, contributing_equipment
+from osteoscreen.dicom_results.identity import NOT_CLINICAL, Algorithm, new_instance
 from osteoscreen.errors import DicomResultsError
 from osteoscreen.types import Prediction
 
@@ -75,17 +74,10 @@ def _build(source: Dataset, rgb: np.ndarray, prediction: Prediction, algorithm: 
         photometric_interpretation="RGB",
         bits_allocated=8,
         coordinate_system="PATIENT",
-        series_instance_uid=hd.UID(),
-        series_number=SERIES_NUMBER,
-        sop_instance_uid=hd.UID(),
-        instance_number=1,
-        manufacturer=MANUFACTURER,
         patient_orientation=_PLACEHOLDER_ORIENTATION,
         laterality=laterality if laterality in ("R", "L") else None,
         transfer_syntax_uid=ExplicitVRLittleEndian,
-        contributing_equipment=[contributing_equipment(algorithm)],
-        manufacturer_model_name=MODEL_NAME,
-        software_versions=f"{osteoscreen.__version__} {algorithm.tag}"[:64],
+        **new_instance(algorithm, SERIES_NUMBER),
         series_description=SERIES_DESCRIPTION + ("" if algorithm.clinical else " - NOT FOR CLINICAL USE"),
     )
     # the overlay keeps the radiograph's orientation (it is the same picture, scaled): the source's own value,

@@ -32,11 +32,10 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
-import osteoscreen
 from osteoscreen.dicom_results import codes, sc
 # re-exported: the identity every result carries
 from osteoscreen.dicom_results.identity import (MANUFACTURER, MODEL_NAME, NOT_CLINICAL, Algorithm,  # noqa: F401
-                                               contributing_equipment, encode)
+                                               encode, new_instance)
 from osteoscreen.errors import DicomResultsError
 from osteoscreen.types import LABELS, DicomResults, Prediction
 
@@ -152,16 +151,9 @@ def _build(source: Dataset, prediction: Prediction, algorithm: Algorithm,
     sr = hd.sr.Comprehensive3DSR(
         evidence=[source, *result_images],
         content=report[0],
-        series_instance_uid=hd.UID(),
-        series_number=SERIES_NUMBER,
-        sop_instance_uid=hd.UID(),
-        instance_number=1,
-        manufacturer=MANUFACTURER,
-        manufacturer_model_name=MODEL_NAME,
-        software_versions=f"{osteoscreen.__version__} {algorithm.tag}"[:64],
+        **new_instance(algorithm, SERIES_NUMBER),
         series_description=SERIES_DESCRIPTION_OUTSIDE if prediction.findings else SERIES_DESCRIPTION,
         is_complete=True,
-        contributing_equipment=[contributing_equipment(algorithm)],
         coding_schemes=[CodingSchemeIdentificationItem(
             designator=codes.PRIVATE_SCHEME, name=codes.PRIVATE_SCHEME_NAME, responsible_organization=MANUFACTURER)],
         transfer_syntax_uid=ExplicitVRLittleEndian,
