@@ -19,7 +19,9 @@ import logging
 import os
 import types
 import typing
+import urllib.parse
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -99,6 +101,61 @@ class Settings(BaseModel):
     tls_client_ca: Optional[Path] = Field(None, description="PEM CA bundle: mutual TLS, client certificates required")
     allowed_clients: Optional[str] = Field(None, description="comma list of caller identities (client "
                                                       "certificate SAN or CN; `prefix*`); others get 403 / PERMISSION_DENIED")
+    # -- the PACS node (osteoscreen.serving.dicom) --------------------------------------------------------
+    dicom_port: Optional[int] = Field(None, ge=0, le=65535, description="the DICOM port (C-STORE and C-ECHO) the "
+                                                                        "PACS routes images to (unset: no DICOM node; 0: any free port)")
+    dicom_ae_title: str = Field("OSTEOSCREEN", min_length=1, max_length=16,
+                                description="the node's AE title (1-16 characters, no backslash)",
+                                json_schema_extra={"accepts": "1-16 characters of text, no backslash"})
+    dicom_allowed_aes: Optional[str] = Field(None, description="comma list of the calling AE titles allowed to "
+                                                               "associate; any other is rejected (unset: any)",
+                                         json_schema_extra={"accepts": "AE titles (1-16 characters), comma separated"})
+    results_destination: Optional[str] = Field(
+        None, description="where the node stores results back: `dicom://AET@host:port` (C-STORE); "
+                          "`http(s)://host:port/path` (DICOMweb STOW-RS) is accepted but not yet served",
+        json_schema_extra={"accepts": "dicom://AET@host:port or http(s)://host:port/path"})
+    results_overlay: bool = Field(False, description="store the explanation overlay with each SR (not yet done by "
+                                                     "the node: it stores the SR only)")
+    outbox_dir: Optional[Path] = Field(None, description="the node's durable outbox (SQLite, mode 0600; a "
+                                                         "PersistentVolume in Kubernetes); unset: `<cache>/outbox`")
+    outbox_retention_s: float = Field(7 * 86400.0, ge=0, description="seconds a finished outbox record (UIDs and "
+                                                                     "state only; the image is purged when done) is kept")
+    results_retry_s: float = Field(5.0, gt=0, description="first wait before storing a result again after the "
+                                                          "destination failed; doubles per attempt")
+    results_retry_max_s: float = Field(300.0, gt=0, description="longest wait between store-back attempts")
+
+    @field_validator("dicom_ae_title")
+    @classmethod
+    def _ae_title(cls, value: str) -> str:
+        if "\\" in value or not value.isascii() or not value.isprintable():
+            raise ValueError("an AE title is printable ASCII without a backslash")
+        return value
+
+    @field_validator("dicom_allowed_aes")
+    @classmethod
+    def _ae_titles(cls, value: str | None) -> str | None:
+        if value is not None:
+            for title in value.split(","):
+                cls._ae_title(title.strip())
+                if not 1 <= len(title.strip()) <= 16:
+                    raise ValueError("an AE title has 1-16 characters")
+        return value
+
+    @field_validator("results_destination")
+    @classmethod
+    def _destination(cls, value: str | None) -> str | None:
+        if value is not None:
+            destination(value)
+        return value
+
+    @property
+    def allowed_aes(self) -> tuple[str, ...]:
+        """The calling AE titles allowed to associate with the DICOM node (empty: any)."""
+        return tuple(t.strip() for t in (self.dicom_allowed_aes or "").split(",") if t.strip())
+
+    @property
+    def outbox_path(self) -> Path:
+        return self.outbox_dir or self.cache / "outbox"
 
     @field_validator("precision", "intended_use", mode="before")
     @classmethod
@@ -111,6 +168,41 @@ class Settings(BaseModel):
         return {"gpu": 1} if self.gpu else {"cpu": "1"}
 
 
+@dataclass(frozen=True)
+class Destination:
+    """`OSTEOSCREEN_RESULTS_DESTINATION`, parsed: scheme "dicom" (ae_title, host, port) or "http"/"https" (url)."""
+
+    scheme: str
+    host: str
+    port: int
+    ae_title: str = ""
+    url: str = ""
+
+
+def destination(value: str) -> Destination:
+    """Parse `dicom://AET@host:port` or `http(s)://host[:port]/path`; ValueError when it is neither."""
+    parts = urllib.parse.urlsplit(value.strip())
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError("the port is not a number from 0 to 65535") from None
+    if parts.scheme == "dicom":
+        title = urllib.parse.unquote(parts.username or "")
+        if not (1 <= len(title) <= 16 and parts.hostname and port and not parts.path.strip("/")):
+            raise ValueError("a DICOM destination is dicom://AET@host:port")
+        return Destination("dicom", parts.hostname, port, ae_title=title)
+    if parts.scheme in ("http", "https") and parts.hostname and not parts.username:
+        return Destination(parts.scheme, parts.hostname, port or (443 if parts.scheme == "https" else 80),
+                           url=value.strip().rstrip("/"))
+    raise ValueError("a destination is dicom://AET@host:port or http(s)://host:port/path")
+
+
+def default(field: str):
+    """A setting's default, for the typed knobs objects (`GrpcSettings`, ...) that tests build by hand: one
+    source of truth for every default."""
+    return Settings.model_fields[field].default
+
+
 def variable(field: str) -> str:
     return PREFIX + field.upper()
 
@@ -118,6 +210,8 @@ def variable(field: str) -> str:
 def accepts(field: str) -> str:
     """What a field's variable accepts, in words, from its type and bounds (for errors and the README)."""
     info = Settings.model_fields[field]
+    if isinstance(info.json_schema_extra, dict) and "accepts" in info.json_schema_extra:
+        return str(info.json_schema_extra["accepts"])
     kind = info.annotation
     args = [a for a in typing.get_args(kind) if a is not type(None)]
     if typing.get_origin(kind) in (typing.Union, types.UnionType) and len(args) == 1:

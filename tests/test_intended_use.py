@@ -43,7 +43,7 @@ def test_pydicom_data_films_fail_the_header_checks_with_their_values():
     assert checks(header_findings(real_radiograph("RG1_UNCR"), None, RULES)) == {"body_part": "CHEST", "view": "PA"}
     # the tibia: born 1979, imaged 2004 -> 25.4 years, outside the declared 50-110
     assert checks(header_findings(real_radiograph("RG3_J2KR"), None, RULES)) == \
-        {"body_part": "EXTREMITY", "view": "AP", "patient_age": "25.4"}
+        {"body_part": "EXTREMITY", "view": "AP", "patient_age": "under 50"}
     assert checks(header_findings(dicom_file("MR2_UNCR.dcm"), None, RULES)) == {"modality": "MR"}
     assert checks(header_findings(dicom_file("US1_UNCR.dcm"), None, RULES)) == {"modality": "US"}
 
@@ -60,7 +60,9 @@ def test_a_lateral_lumbar_spine_passes_and_missing_tags_are_not_refusals():
 def test_a_contradicting_tag_is_a_finding_each():
     assert checks(header_findings(lumbar_lateral(ViewPosition="AP"), None, RULES)) == {"view": "AP"}
     assert checks(header_findings(lumbar_lateral(Modality="CT"), None, RULES)) == {"modality": "CT"}
-    assert checks(header_findings(lumbar_lateral(PatientAge="012Y"), None, RULES)) == {"patient_age": "12"}
+    assert checks(header_findings(lumbar_lateral(PatientAge="012Y"), None, RULES)) == {"patient_age": "under 50"}
+    [child] = header_findings(lumbar_lateral(PatientAge="012Y"), None, RULES)
+    assert "12" not in child.reason and "under 50 years" in child.reason  # an age band, never the age itself
     narrow = IntendedUse(age_years=(60.0, 65.0), age_source="ages of the 40 training patients")
     [finding] = header_findings(lumbar_lateral(), None, narrow)
     assert finding.check == "patient_age" and "60-65" in finding.reason and "training patients" in finding.reason

@@ -77,7 +77,7 @@ def _build(source: Dataset, rgb: np.ndarray, prediction: Prediction, algorithm: 
         patient_orientation=_PLACEHOLDER_ORIENTATION,
         laterality=laterality if laterality in ("R", "L") else None,
         transfer_syntax_uid=ExplicitVRLittleEndian,
-        **new_instance(algorithm, SERIES_NUMBER),
+        **new_instance(source, algorithm, SERIES_NUMBER, "sc"),
         series_description=SERIES_DESCRIPTION + ("" if algorithm.clinical else " - NOT FOR CLINICAL USE"),
     )
     # the overlay keeps the radiograph's orientation (it is the same picture, scaled): the source's own value,

@@ -151,7 +151,7 @@ def _build(source: Dataset, prediction: Prediction, algorithm: Algorithm,
     sr = hd.sr.Comprehensive3DSR(
         evidence=[source, *result_images],
         content=report[0],
-        **new_instance(algorithm, SERIES_NUMBER),
+        **new_instance(source, algorithm, SERIES_NUMBER, "sr"),
         series_description=SERIES_DESCRIPTION_OUTSIDE if prediction.findings else SERIES_DESCRIPTION,
         is_complete=True,
         coding_schemes=[CodingSchemeIdentificationItem(

@@ -63,8 +63,9 @@ def check_dataset(ds: Dataset, rules: IntendedUse) -> list[Finding]:
     age = patient_age_years(ds)
     lo, hi = rules.age_years
     if age is not None and not lo <= age <= hi:
-        findings.append(Finding("patient_age", f"{age:g}",
-                                f"patient age {age:g} years is outside {lo:g}-{hi:g} years ({rules.age_source})"))
+        band = f"under {lo:g}" if age < lo else f"over {hi:g}"  # a band, never the age: with the date it identifies
+        findings.append(Finding("patient_age", band,
+                                f"patient age {band} years is outside {lo:g}-{hi:g} years ({rules.age_source})"))
     return findings
 
 

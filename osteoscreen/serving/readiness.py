@@ -32,8 +32,8 @@ class WatchSettings:
     failures in a row mean a hung model (one slow answer on a loaded node is not). A refused connection
     (the process is gone) counts at once."""
 
-    interval_s: float = 2.0
-    timeout_s: float = 3.0
+    interval_s: float = settings.default("model_check_s")
+    timeout_s: float = settings.default("model_check_timeout_s")
     hung_after: int = 2
     down_interval_s: float = 0.25
 

@@ -43,7 +43,6 @@ from osteoscreen.types import Predictor
 
 log = logging.getLogger("osteoscreen.grpc")
 
-MiB = 1024 * 1024
 SERVED_SERVICES = (screening.SERVICE_NAME, v2.SERVICE_NAME)
 PREDICTION_METHODS = {
     (screening.SERVICE_NAME, "Predict"),
@@ -62,18 +61,20 @@ CONTROL_HEADROOM = 8
 
 @dataclass(frozen=True)
 class GrpcSettings:
-    """Server knobs; `from_env` takes them from the settings (`osteoscreen.settings`, the README's table)."""
+    """Server knobs; `from_env` takes them from the settings (`osteoscreen.settings`, the README's table), whose
+    defaults these are."""
 
-    port: int = 50051
-    host: str = "[::]"
-    max_message_bytes: int = 64 * MiB
+    port: int = settings.default("grpc_port")
+    host: str = settings.default("grpc_host")
+    max_message_bytes: int = settings.default("grpc_max_message_bytes")
     # prediction RPCs in flight per worker before RESOURCE_EXHAUSTED; with the message limit it bounds the bytes
     # gRPC holds: (max_concurrent + CONTROL_HEADROOM) x max_message_bytes (the worst case in docs/deploy.md)
-    max_concurrent: int = 80
-    shutdown_grace_s: float = 20.0
-    max_connection_age_s: float = 300.0  # clients reconnect now and then, so new replicas get traffic
+    max_concurrent: int = settings.default("grpc_max_concurrent")
+    shutdown_grace_s: float = settings.default("shutdown_grace_s")
+    max_connection_age_s: float = settings.default("grpc_max_connection_age_s")
     tls: TLSSettings | None = None  # None: plaintext
-    health_port: int | None = 50052  # with TLS: plaintext health-only port for probes (None: none; 0: any free)
+    # with TLS: plaintext health-only port for probes (None: none; 0: any free)
+    health_port: int | None = settings.default("grpc_health_port")
 
     @classmethod
     def from_env(cls, **overrides: Any) -> GrpcSettings:
