@@ -67,12 +67,9 @@ def torchscript(fid_wheel, tmp_path_factory):
 
 
 def _phantom_images(n: int, seed: int, size: int) -> np.ndarray:
-    """(n, size, size, 1) model inputs, 0..255, from the phantom (wherever the restructuring put it)."""
-    try:
-        from osteoscreen import phantom
-    except ImportError:  # moving to training/phantom/
-        from training import phantom
+    """(n, size, size, 1) model inputs, 0..255, from the phantom."""
     from osteoscreen.imaging.decode import to_model_input
+    from training import phantom
 
     return np.stack([to_model_input(s.image, size) for s in phantom.iter_samples(n, seed=seed)])
 

@@ -94,8 +94,23 @@ def test_subgroup_tables_count_every_image_once(tmp_path):
             positives = m & (y == 1)
             if positives.any():
                 assert r["sensitivity"] == pytest.approx((p[positives] >= 0.5).mean())
+                if len(set(patients[positives].tolist())) < 2:
+                    assert r["sensitivity_ci95"] is None  # one patient: no spread to show
+                    continue
                 lo, hi = r["sensitivity_ci95"]
                 assert lo <= r["sensitivity"] <= hi
+
+
+def test_subgroup_intervals_redraw_patients_not_images():
+    """Five views of each patient are no more evidence than one: the patient bootstrap gives the same interval,
+    where an interval over images would narrow by about sqrt(5). A lone patient gets none."""
+    rng = np.random.default_rng(3)
+    hits = rng.random(12) < 0.7
+    patients = np.array([f"p{i}" for i in range(12)])
+    once = subgroups.patient_interval(hits, patients)
+    assert once[0] < hits.mean() < once[1] and once[1] - once[0] > 0.2  # 12 patients: a wide interval
+    assert subgroups.patient_interval(np.repeat(hits, 5), np.repeat(patients, 5)) == once
+    assert subgroups.patient_interval(np.array([True, False, True]), np.array(["p1"] * 3)) is None
 
 
 def _dicom(path: Path, manufacturer: str, model: str, sex: str, age: str | None, birth: str | None = None) -> None:
@@ -204,6 +219,32 @@ def _png_folder(root: Path, normal: int, osteoporosis: int) -> Path:
     return root
 
 
+@pytest.mark.slow
+def test_recalibrate_leaves_out_images_outside_the_intended_use(registered_model, tmp_path):
+    """As `evaluate` and serving do: a chest film is left out by its header, synthetic ramps unlike any
+    radiograph by the content check, and the record says which; the calibrator is fitted on the rest only."""
+    import json
+    import subprocess
+    import sys
+
+    folder = _png_folder(tmp_path / "site", 8, 8)
+    _dicom(folder / "normal" / "chest.dcm", "Acme", "X1", "F", "067Y")
+    chest = pydicom.dcmread(folder / "normal" / "chest.dcm")
+    chest.BodyPartExamined = "CHEST"
+    chest.save_as(folder / "normal" / "chest.dcm")
+    result = subprocess.run([str(Path(sys.executable).parent / "osteoscreen"), "recalibrate", "--data", str(folder),
+                             "--model", registered_model["tag"], "--reports", str(tmp_path / "r")],
+                            env=registered_model["env"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    record = json.loads((tmp_path / "r" / "recalibration.json").read_text())["intended_use"]
+    assert record["checked"] == 17 and record["by_check"].get("body_part") == 1 and record["outside"] >= 1
+    [chest_entry] = [f for f in record["files"] if f["path"] == str(folder / "normal" / "chest.dcm")]
+    assert chest_entry["checks"][0] == "body_part"
+    assert f"{record['outside']} of 17 images are outside the model's intended use" in result.stderr
+    n = json.loads((tmp_path / "r" / "recalibration.json").read_text())
+    assert n["n_fit"] + n["n_holdout"] == 17 - record["outside"]
+
+
 @pytest.mark.parametrize("command", ["evaluate", "recalibrate"])
 def test_bad_folders_get_a_clear_error(tmp_path, capsys, command):
     """Refused before any model is loaded: BENTOML_HOME is not even set up here."""
@@ -292,6 +333,11 @@ def test_evaluation_counts_what_the_intended_use_leaves_out(tmp_path):
     summary = intended.summary(loaded, found, force=False)
     assert summary["checked"] == 12 and summary["outside"] == 4
     assert summary["by_check"] == {"body_part": 1, "patient_age": 1, "content": 2}
+
+    kept, kept_features, record = intended.in_use(_ScoredModel(), loaded, features, force=False)
+    assert len(kept.samples) == len(kept_features) == 8 and record["outside"] == 4
+    assert {s.path.name for s in kept.samples}.isdisjoint({"chest.dcm", "child.dcm"})
+    assert len(intended.in_use(_ScoredModel(), loaded, features, force=True)[0].samples) == 12
 
     blind = intended.findings(_ScoredModel(with_content_check=False), loaded, features)
     assert all(any(f.check == "content" for f in found) for found in blind)

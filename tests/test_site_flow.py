@@ -113,7 +113,8 @@ def test_recalibration_fixes_held_out_calibration_and_the_new_version_serves(sit
     before, after = rec["before"]["calibration"], rec["after"]["calibration"]
     assert after["ece"] < before["ece"] and after["brier"] < before["brier"]
     assert abs(after["intercept"]) < abs(before["intercept"])
-    assert rec["n_fit"] + rec["n_holdout"] == len(site["rows"])
+    assert rec["intended_use"]["checked"] == len(site["rows"])  # the intended-use checks ran, as in evaluate
+    assert rec["n_fit"] + rec["n_holdout"] == len(site["rows"]) - rec["intended_use"]["outside"]
     assert "| held-out site data | before (parent) | after (recalibrated) |" in (root / "recal" / "recalibration.md").read_text()
 
     # the parent's parts, byte for byte, and the lineage on record

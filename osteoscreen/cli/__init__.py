@@ -77,7 +77,7 @@ def _cmd_recalibrate(args: argparse.Namespace) -> int:
     from training.site import recalibrate
 
     print(recalibrate.run(Path(args.data), model_tag=args.model, reports=Path(args.reports), holdout=args.holdout,
-                          method=args.method, seed=args.seed, skip_unreadable=args.skip_unreadable))
+                          method=args.method, seed=args.seed, skip_unreadable=args.skip_unreadable, force=args.force))
     return 0
 
 
@@ -186,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=["sigmoid", "isotonic"], default="sigmoid")
     p.add_argument("--skip-unreadable", action="store_true", help="use only the files that can be read")
     p.add_argument("--seed", type=int, default=0, help="split and bootstrap seed")
+    p.add_argument("--force", action="store_true",
+                   help="keep images outside the model's intended use too (research use; by default they are "
+                        "left out, as evaluate and serving leave them out)")
     p.set_defaults(func=_cmd_recalibrate)
 
     p = sub.add_parser("predict", help="predict files locally (or against a server with --server)")

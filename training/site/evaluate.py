@@ -62,18 +62,7 @@ def run(data_dir: Path, model_tag: str | None = None, reports: Path = Path("repo
     checked = lineage.verify(model)  # a recalibrated version must still be its parent's extractor and forest
     sha = lineage.hashes(model.tag, model.classifier)["extractor_sha256"]
     X = cohorts.features(model, cohort, sha)
-    found = intended.findings(model, cohort, X)
-    outside_use = intended.summary(cohort, found, force)
-    keep = list(range(len(found))) if force else [i for i, f in enumerate(found) if not f]
-    if outside_use["outside"]:
-        print(f"{outside_use['outside']} of {len(found)} images are outside the model's intended use "
-              f"({outside_use['by_check']}); " + ("evaluated anyway (--force)" if force else "left out (--force keeps them)"),
-              file=sys.stderr)
-    if len(set(cohort.y[keep].tolist())) < 2:
-        raise DataError(f"after leaving out the {outside_use['outside']} images outside the model's intended use "
-                        f"({outside_use['by_check']}), both classes are needed to validate; the model was not "
-                        "trained for these images (use --force for research use)")
-    cohort, X = cohort.subset(keep), X[keep]
+    cohort, X, outside_use = intended.in_use(model, cohort, X, force)
     p = model.probabilities_from_features(X)
     record = evaluate(model, cohort, p, seed)
     record["lineage"] = checked

@@ -5,10 +5,12 @@ finding (another scanner, view or population than the model was trained on)."""
 
 from __future__ import annotations
 
+import sys
 from collections import Counter
 
 import numpy as np
 
+from osteoscreen.errors import DataError
 from osteoscreen.intended_use.header import header_findings
 from osteoscreen.intended_use.policy import content_finding
 from osteoscreen.types import Finding
@@ -40,3 +42,20 @@ def summary(cohort: Cohort, found: list[tuple[Finding, ...]], force: bool) -> di
         "by_check": dict(Counter(found[i][0].check for i in outside)),
         "files": [{"path": str(cohort.samples[i].path), "checks": [f.check for f in found[i]]} for i in outside],
     }
+
+
+def in_use(model, cohort: Cohort, features: np.ndarray, force: bool) -> tuple[Cohort, np.ndarray, dict]:
+    """The images serving would screen, their features, and the record of what was left out (`summary`);
+    `force` keeps every image (research use). Said on stderr; a DataError when too little is left to measure."""
+    found = findings(model, cohort, features)
+    record = summary(cohort, found, force)
+    keep = list(range(len(found))) if force else [i for i, f in enumerate(found) if not f]
+    if record["outside"]:
+        print(f"{record['outside']} of {len(found)} images are outside the model's intended use "
+              f"({record['by_check']}); " + ("kept anyway (--force)" if force else "left out (--force keeps them)"),
+              file=sys.stderr)
+    if len(set(cohort.y[keep].tolist())) < 2:
+        raise DataError(f"after leaving out the {record['outside']} images outside the model's intended use "
+                        f"({record['by_check']}), both classes are needed; the model was not trained for these "
+                        "images (use --force for research use)")
+    return cohort.subset(keep), features[keep], record

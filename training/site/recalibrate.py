@@ -25,7 +25,7 @@ from osteoscreen.errors import DataError
 
 from training import dataset
 from training.fit import DEFAULT_MIN_SENSITIVITY, choose_threshold
-from training.site import calibration, cohort as cohorts, lineage, report
+from training.site import calibration, cohort as cohorts, intended, lineage, report
 from training.site.evaluate import scores
 
 METHODS = ("sigmoid", "isotonic")
@@ -52,7 +52,9 @@ def recalibrated(classifier, X: np.ndarray, y: np.ndarray, method: str = "sigmoi
 
 
 def run(data_dir: Path, model_tag: str, reports: Path = Path("reports"), holdout: float = 0.5,
-        method: str = "sigmoid", seed: int = 0, skip_unreadable: bool = False) -> str:
+        method: str = "sigmoid", seed: int = 0, skip_unreadable: bool = False, force: bool = False) -> str:
+    """Images outside the parent's intended use are left out, as `evaluate` and serving leave them out
+    (`force` keeps them: research use); the record says how many and why."""
     from osteoscreen.model import bundle
 
     if method not in METHODS:
@@ -60,11 +62,14 @@ def run(data_dir: Path, model_tag: str, reports: Path = Path("reports"), holdout
     if not 0.1 <= holdout <= 0.9:
         raise DataError(f"--holdout {holdout}: keep between 0.1 and 0.9 of the patients for checking")
     cohort = cohorts.load(data_dir, skip_unreadable=skip_unreadable)  # bad data fails before the model loads
-    fit_idx, held_idx = split(cohort, holdout, seed)
+    split(cohort, holdout, seed)  # too few patients of a class fails here too, before the model loads
     parent = bundle.load(model_tag)
     lineage.verify(parent)
     parent_hashes = lineage.hashes(parent.tag, parent.classifier)
     X = cohorts.features(parent, cohort, parent_hashes["extractor_sha256"])
+    data_fingerprint = cohort.fingerprint  # of the whole folder, as lineage records it
+    cohort, X, outside_use = intended.in_use(parent, cohort, X, force)
+    fit_idx, held_idx = split(cohort, holdout, seed)
     y, patients = cohort.y, cohort.patients
     target = float(parent.metadata.get("metrics", {}).get("min_sensitivity") or DEFAULT_MIN_SENSITIVITY)
 
@@ -81,7 +86,8 @@ def run(data_dir: Path, model_tag: str, reports: Path = Path("reports"), holdout
         "method": f"{method} (CalibratedClassifierCV over FrozenEstimator(parent forest))",
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "data_dir": str(cohort.root),
-        "data_fingerprint": cohort.fingerprint,
+        "data_fingerprint": data_fingerprint,
+        "intended_use": outside_use,
         "fit_fingerprint": dataset.fingerprint([cohort.hashes[i] for i in fit_idx], part(fit_idx)),
         "holdout_fingerprint": dataset.fingerprint([cohort.hashes[i] for i in held_idx], part(held_idx)),
         "holdout": holdout,

@@ -61,7 +61,9 @@ def _num(value, digits: int = 3) -> str:
 
 
 def _interval(value, ci) -> str:
-    return "n/a" if value is None else f"{value:.2f} ({ci[0]:.2f}-{ci[1]:.2f})"
+    if value is None:
+        return "n/a"
+    return f"{value:.2f} (one patient)" if ci is None else f"{value:.2f} ({ci[0]:.2f}-{ci[1]:.2f})"
 
 
 def subgroup_markdown(subgroups: dict) -> str:
@@ -119,7 +121,8 @@ images: optimistic here, and a sign of how far the operating point moved. To cha
 
 ## Subgroups (at the model's threshold)
 
-Intervals are Wilson 95% intervals over images; small groups have wide ones.
+Intervals are patient-bootstrap 95% intervals (patients redrawn with all their images), as for the headline
+figures; small groups have wide ones, and a group of one patient has none.
 
 {subgroup_markdown(r['subgroups'])}
 

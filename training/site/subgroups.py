@@ -3,7 +3,7 @@ DICOM header's scanner, sex and age when the files are DICOM), with counts besid
 
 Counts matter as much as the figures: a subgroup of six patients can show sensitivity 1.0 by chance, so
 each row says how many images, patients and cases it rests on, and sensitivity and specificity carry
-Wilson 95% intervals (per image) that stay wide when the group is small.
+patient-bootstrap 95% intervals, as the headline figures do: a patient's views count as one patient's evidence.
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
-from scipy.stats import binomtest
 from sklearn.metrics import roc_auc_score
 
 from osteoscreen.imaging.decode import detect_format
 from osteoscreen.intended_use.header import patient_age_years
 
 from training.dataset import Sample
+from training.evaluate import N_RESAMPLES
 
 CORE_COLUMNS = {"path", "label", "patient_id"}
 UNKNOWN = "unknown"
@@ -118,7 +118,7 @@ def _header(path: Path) -> dict[str, str] | None:
 
 
 def table(attribute: Attribute, y: np.ndarray, p: np.ndarray, threshold: float, patients: np.ndarray) -> list[dict]:
-    """One row per group: counts, then accuracy, sensitivity, specificity (with Wilson intervals), AUC when
+    """One row per group: counts, then accuracy, sensitivity, specificity (with patient-bootstrap intervals), AUC when
     the group holds both classes, and mean prediction against the observed rate."""
     values = np.array(attribute.values)
     pred = (np.asarray(p) >= threshold).astype(int)
@@ -132,16 +132,26 @@ def table(attribute: Attribute, y: np.ndarray, p: np.ndarray, threshold: float, 
             "value": value, "n": int(m.sum()), "patients": int(len(set(patients[m].tolist()))),
             "normal": neg, "osteoporosis": pos,
             "accuracy": float((predm == ym).mean()),
-            "sensitivity": tp / pos if pos else None, "sensitivity_ci95": _wilson(tp, pos),
-            "specificity": tn / neg if neg else None, "specificity_ci95": _wilson(tn, neg),
+            "sensitivity": tp / pos if pos else None,
+            "sensitivity_ci95": patient_interval(predm[ym == 1] == 1, patients[m][ym == 1]) if pos else None,
+            "specificity": tn / neg if neg else None,
+            "specificity_ci95": patient_interval(predm[ym == 0] == 0, patients[m][ym == 0]) if neg else None,
             "auc": float(roc_auc_score(ym, pm)) if pos and neg else None,
             "mean_probability": float(pm.mean()), "observed_rate": float(ym.mean()),
         })
     return rows
 
 
-def _wilson(k: int, n: int) -> list[float] | None:
-    if n == 0:
+def patient_interval(hits: np.ndarray, patients: np.ndarray, seed: int = 0) -> list[float] | None:
+    """95% interval of the share of `hits` (one per image) from the patient bootstrap, as the headline figures'
+    (`training.evaluate`): patients are redrawn, each with all of its images, so two views of one patient count
+    as the evidence of one. None with fewer than two patients, where a bootstrap shows no spread it could
+    honestly claim."""
+    hits, patients = np.asarray(hits, dtype=float), np.asarray(patients)
+    ids, index = np.unique(patients, return_inverse=True)
+    if len(ids) < 2:
         return None
-    ci = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
-    return [float(ci.low), float(ci.high)]
+    k, n = np.bincount(index, weights=hits), np.bincount(index).astype(float)
+    draws = np.random.default_rng(seed).multinomial(len(ids), np.full(len(ids), 1 / len(ids)), size=N_RESAMPLES)
+    shares = (draws @ k) / (draws @ n)
+    return [float(np.percentile(shares, 2.5)), float(np.percentile(shares, 97.5))]

@@ -22,9 +22,9 @@ log = logging.getLogger("osteoscreen.dicom")
 
 STORAGE = (uid.ComputedRadiographyImageStorage, uid.DigitalXRayImageStorageForPresentation,
            uid.DigitalXRayImageStorageForProcessing, uid.SecondaryCaptureImageStorage)
-TRANSFER_SYNTAXES = (uid.ImplicitVRLittleEndian, uid.ExplicitVRLittleEndian, uid.DeflatedExplicitVRLittleEndian,
-                     uid.JPEGBaseline8Bit, uid.JPEGExtended12Bit, uid.JPEGLossless, uid.JPEGLosslessSV1,
-                     uid.JPEG2000Lossless, uid.JPEG2000, uid.RLELossless)
+TRANSFER_SYNTAXES = (uid.ImplicitVRLittleEndian, uid.ExplicitVRLittleEndian, uid.JPEGBaseline8Bit,
+                     uid.JPEGExtended12Bit, uid.JPEGLossless, uid.JPEGLosslessSV1, uid.JPEG2000Lossless,
+                     uid.JPEG2000, uid.RLELossless)
 SUCCESS, OUT_OF_RESOURCES = 0x0000, 0xA700
 
 
