@@ -4,6 +4,10 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# uv does not read pip's configuration: hand it pip's find-links (where this kind of machine keeps the CPU build of
+# torch the test extra names; without it uv resolves PyPI's CUDA build, ~4 GB)
+PIP_LINKS := $(or $(PIP_FIND_LINKS),$(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null))
+UV_LINKS := $(foreach d,$(PIP_LINKS),--find-links $(d))
 DATA ?= data/phantom
 N ?= 400
 SEED ?= 0
@@ -16,7 +20,7 @@ export BENTOML_DO_NOT_TRACK ?= True
 $(STAMP): pyproject.toml $(wildcard protos/*/*.proto protos/*/*/*.proto)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check 'uv>=0.5'
-	$(BIN)/uv pip install --quiet --python $(BIN)/python -e '.[weights,loadtest,test,dev]'
+	$(BIN)/uv pip install --quiet --python $(BIN)/python $(UV_LINKS) -e '.[weights,loadtest,test,dev]'
 	$(BIN)/python -m osteoscreen.codegen
 	touch $(STAMP)
 

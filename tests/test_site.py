@@ -224,6 +224,7 @@ def test_recalibrate_leaves_out_images_outside_the_intended_use(registered_model
     """As `evaluate` and serving do: a chest film is left out by its header, synthetic ramps unlike any
     radiograph by the content check, and the record says which; the calibrator is fitted on the rest only."""
     import json
+    import shutil
     import subprocess
     import sys
 
@@ -232,9 +233,12 @@ def test_recalibrate_leaves_out_images_outside_the_intended_use(registered_model
     chest = pydicom.dcmread(folder / "normal" / "chest.dcm")
     chest.BodyPartExamined = "CHEST"
     chest.save_as(folder / "normal" / "chest.dcm")
+    store = tmp_path / "bentoml"  # a copy: the new version must not become `latest` for the other tests
+    shutil.copytree(registered_model["root"] / "bentoml", store)
+    env = {**registered_model["env"], "BENTOML_HOME": str(store)}
     result = subprocess.run([str(Path(sys.executable).parent / "osteoscreen"), "recalibrate", "--data", str(folder),
                              "--model", registered_model["tag"], "--reports", str(tmp_path / "r")],
-                            env=registered_model["env"], capture_output=True, text=True, timeout=600)
+                            env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     record = json.loads((tmp_path / "r" / "recalibration.json").read_text())["intended_use"]
     assert record["checked"] == 17 and record["by_check"].get("body_part") == 1 and record["outside"] >= 1
