@@ -7,6 +7,9 @@
   workers and answers HTTP `POST /predict` (port 3000) and gRPC (port 50051: osteoscreen.v1.Screening,
   the Open Inference Protocol v2, health, reflection). gRPC runs in a `grpc.aio` server started from
   an on-startup hook, because BentoML 1.4 no longer serves gRPC for `@bentoml.service` classes.
+- With `OSTEOSCREEN_DICOM_PORT` set, the same hook starts the PACS node (`osteoscreen/serving/dicom/`: the
+  C-STORE listener and the outbox worker) over the same inference path, in the one front worker that holds the
+  outbox's lock (`osteoscreen/serving/dicom/owner.py` says why a lock and not worker index 0).
 
 Settings are environment variables (`osteoscreen.settings`, the README's table), validated here at import, as
 are the TLS files (both ports): a bad value or a bad certificate stops `bentoml serve` with one line before any
@@ -33,6 +36,11 @@ try:  # first, before the modules whose import-time limits read the settings
 except OsteoScreenError as exc:  # one line naming the variable, not a traceback from inside BentoML's import
     print(f"osteoscreen: cannot start: {exc}", file=sys.stderr)
     raise SystemExit(2) from None
+if SETTINGS.dicom_port is not None and not SETTINGS.results_destination:
+    print("osteoscreen: cannot start: OSTEOSCREEN_DICOM_PORT is set but OSTEOSCREEN_RESULTS_DESTINATION is not (the "
+          "node needs somewhere to store its results: dicom://AET@host:port or a DICOMweb http(s):// root)",
+          file=sys.stderr)
+    raise SystemExit(2)
 
 from osteoscreen.security import dicom_values  # noqa: E402
 from osteoscreen.security.tls import TLSSettings  # noqa: E402
@@ -158,6 +166,7 @@ class Screening:
         http_app.state.predictor = self.path
         http_app.state.explainer = self.explainer
         self.grpc = None
+        self.dicom = None  # the PACS node's owner, when OSTEOSCREEN_DICOM_PORT is set
         self._watch: asyncio.Task | None = None
 
     @bentoml.on_startup
@@ -170,11 +179,21 @@ class Screening:
         # traffic to a cold replica), and not while it is dead, restarting or hung.
         self._watch = asyncio.get_running_loop().create_task(
             ModelWatch(self.path, remote_info(lambda: self.model.to_async.info())).run())
+        if SETTINGS.dicom_port is not None:  # the PACS node, in the one worker holding the outbox lock
+            from osteoscreen.serving.dicom.outbox import Outbox
+            from osteoscreen.serving.dicom.owner import NodeOwner
+
+            http_app.state.outbox = Outbox.from_settings(SETTINGS)  # STOW-RS intake: every worker takes it
+            self.dicom = NodeOwner(self.path, SETTINGS, explainer=self.explainer)
+            await self.dicom.start()
 
     @bentoml.on_shutdown
     async def stop_grpc(self) -> None:
         if self._watch is not None:
             self._watch.cancel()
+        if self.dicom is not None:  # first: no new C-STORE is accepted while gRPC drains
+            await self.dicom.stop()
+            http_app.state.outbox.close()
         if self.grpc is not None:
             await self.grpc.stop()
 

@@ -108,6 +108,21 @@ class ServerProcess:
                 pass
         return total
 
+    def kill(self, timeout: float = 30.0) -> None:
+        """SIGKILL the server and every process under it, as a node failure would, and wait until all are gone.
+        BentoML's workers run in sessions of their own, so a signal to the process group alone leaves them alive
+        (and holding whatever they held) for a while after their parent died."""
+        import psutil
+
+        tree = self.processes()
+        for p in tree:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(tree, timeout=timeout)
+        self.stop()
+
     def stop(self, timeout: float = 60.0) -> int | None:
         if self.proc is None:
             return None

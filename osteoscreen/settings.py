@@ -104,6 +104,7 @@ class Settings(BaseModel):
     # -- the PACS node (osteoscreen.serving.dicom) --------------------------------------------------------
     dicom_port: Optional[int] = Field(None, ge=0, le=65535, description="the DICOM port (C-STORE and C-ECHO) the "
                                                                         "PACS routes images to (unset: no DICOM node; 0: any free port)")
+    dicom_host: str = Field("0.0.0.0", min_length=1, description="the IPv4 address the DICOM port binds")
     dicom_ae_title: str = Field("OSTEOSCREEN", min_length=1, max_length=16,
                                 description="the node's AE title (1-16 characters, no backslash)",
                                 json_schema_extra={"accepts": "1-16 characters of text, no backslash"})
@@ -112,10 +113,10 @@ class Settings(BaseModel):
                                          json_schema_extra={"accepts": "AE titles (1-16 characters), comma separated"})
     results_destination: Optional[str] = Field(
         None, description="where the node stores results back: `dicom://AET@host:port` (C-STORE); "
-                          "`http(s)://host:port/path` (DICOMweb STOW-RS) is accepted but not yet served",
+                          "`http(s)://host:port/path`, a DICOMweb service root (STOW-RS); required with the DICOM port",
         json_schema_extra={"accepts": "dicom://AET@host:port or http(s)://host:port/path"})
-    results_overlay: bool = Field(False, description="store the explanation overlay with each SR (not yet done by "
-                                                     "the node: it stores the SR only)")
+    results_overlay: bool = Field(False, description="also store the explanation overlay (a Secondary Capture the SR "
+                                                     "references) with each SR; costs an explanation per image")
     outbox_dir: Optional[Path] = Field(None, description="the node's durable outbox (SQLite, mode 0600; a "
                                                          "PersistentVolume in Kubernetes); unset: `<cache>/outbox`")
     outbox_retention_s: float = Field(7 * 86400.0, ge=0, description="seconds a finished outbox record (UIDs and "

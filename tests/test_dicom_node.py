@@ -109,7 +109,7 @@ def test_an_accepted_instance_survives_a_crash_and_is_pending_after_the_restart(
     reopened = _outbox(tmp_path)
     pending = reopened.pending()
     assert [(e.sop_instance_uid, e.state) for e in pending] == [("1.2.3.1", "received"), ("1.2.3.2", "screened")]
-    assert reopened.data(pending[0]) == b"instance one" and reopened.result(pending[1]) == b"the SR"
+    assert reopened.data(pending[0]) == b"instance one" and reopened.result(pending[1]) == [b"the SR"]
     assert [e.sop_instance_uid for e in reopened.due()] == ["1.2.3.1", "1.2.3.2"]
     reopened.close()
     box.close()

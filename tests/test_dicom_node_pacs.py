@@ -142,14 +142,14 @@ def loop():
 
 class Running:
     def __init__(self, loop, tmp_path: Path, destination, allowed=(MODALITY,), model=None,
-                 policy=Policy.REFUSE) -> None:
+                 policy=Policy.REFUSE, port: int = 0) -> None:
         self.loop, self.tmp_path = loop, tmp_path
         self.model = model or FakeModel()
         path = InferencePath(self.model, policy=policy)
         path.set_model(INFO)
         self.outbox = Outbox(tmp_path / "outbox", retry_s=0.3, retry_max_s=1.0)
         self.node = DicomNode(path, self.outbox, destination, NODE, tuple(allowed), poll_s=0.2)
-        self.port = self.call(self.node.start("127.0.0.1", 0))
+        self.port = self.call(self.node.start("127.0.0.1", port))
 
     def call(self, coro):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(60)

@@ -37,13 +37,18 @@ DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 class Orthanc:
     """Orthanc in the foreground, on free loopback ports, storing into a temporary folder."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, config: dict | None = None, lua: str | None = None) -> None:
+        """`config`: more of Orthanc's settings (DicomModalities, ...); `lua`: a Lua script (routing callbacks)."""
         self.http_port, self.dicom_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.http_port}"
         config = {"Name": "osteoscreen-test", "HttpPort": self.http_port, "DicomPort": self.dicom_port,
                   "StorageDirectory": str(root / "storage"), "IndexDirectory": str(root / "storage"),
                   "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
-                  "Plugins": [str(DICOMWEB_PLUGIN)], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}}
+                  "Plugins": [str(DICOMWEB_PLUGIN)], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+                  **(config or {})}
+        if lua is not None:
+            (root / "routing.lua").write_text(lua)
+            config["LuaScripts"] = [str(root / "routing.lua")]
         (root / "orthanc.json").write_text(json.dumps(config))
         self.log = open(root / "orthanc.log", "w")
         self.proc = subprocess.Popen([shutil.which("Orthanc"), str(root / "orthanc.json")], stdout=self.log,

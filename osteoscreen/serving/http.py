@@ -2,7 +2,8 @@
 header `X-Request-Timeout` (seconds, default and cap 60) is the caller's deadline. With `Accept:
 application/dicom` (DICOM input only) the answer is the DICOM SR file a PACS stores, the result in headers;
 `POST /explain` with it answers the SR and the explanation overlay (a Secondary Capture) together, as DICOMweb
-carries several instances: `multipart/related; type="application/dicom"`. An image outside the model's
+carries several instances: `multipart/related; type="application/dicom"`. `POST /dicom-web/studies` is the DICOM node's STOW-RS intake
+(`osteoscreen.serving.dicom.stow`). An image outside the model's
 intended use gets 422 with the reason (policy `refuse`), or the answer plus `out_of_intended_use` (policy `flag`).
 
 A small Starlette app mounted into the BentoML service, rather than a `@bentoml.api`, because the
@@ -24,6 +25,7 @@ from starlette.routing import Route
 
 from osteoscreen.security.redact import internal_error
 from osteoscreen.serving import metrics
+from osteoscreen.serving.dicom import stow
 from osteoscreen.errors import ImageDecodeError, answer_for
 from osteoscreen.imaging.decode import MAX_BYTES
 from osteoscreen.types import Prediction, Predictor
@@ -205,7 +207,10 @@ async def explain(request: Request) -> Response:
 def create_app(predictor: Predictor | None = None) -> Starlette:
     """The app; `service.py` sets `app.state.predictor` (and `app.state.explainer`) once its worker has built
     the inference path."""
-    app = Starlette(routes=[Route("/predict", predict, methods=["POST"]), Route("/explain", explain, methods=["POST"])])
+    app = Starlette(routes=[Route("/predict", predict, methods=["POST"]), Route("/explain", explain, methods=["POST"]),
+                            Route("/dicom-web/studies", stow.store_instances, methods=["POST"]),
+                            Route("/dicom-web/studies/{study}", stow.store_instances, methods=["POST"])])
     app.state.predictor = predictor
     app.state.explainer = None
+    app.state.outbox = None  # the DICOM node's outbox, for STOW-RS intake (set when the node is on)
     return app

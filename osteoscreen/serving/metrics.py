@@ -98,3 +98,37 @@ EXPLAIN_INFLIGHT = bentoml.metrics.Gauge(
     documentation="Explanation requests admitted (running or waiting for their own queue) and not yet answered.",
     multiprocess_mode="livesum",
 )
+
+# -- the PACS node (osteoscreen.serving.dicom); labels are outcomes, states, check names and error kinds only ------
+DICOM_INTAKE = bentoml.metrics.Counter(
+    name="osteoscreen_dicom_intake_total",
+    documentation="Instances and associations the PACS node handled, by outcome: received (reason = c_store or "
+                  "stow_rs: committed to the outbox, answered success); screened; skipped (reason = the intended-use "
+                  "header check); failed (reason = content, invalid_input or internal); refused (reason = outbox: "
+                  "C-STORE answered Out of Resources; stow_rs: a STOW-RS instance or request answered a failure); "
+                  "rejected (reason = association: the calling AE is not allowed).",
+    labelnames=["outcome", "reason"],
+)
+DICOM_OUTBOX = bentoml.metrics.Gauge(
+    name="osteoscreen_dicom_outbox_entries",
+    documentation="Entries in the PACS node's outbox by state (received, screened, waiting; stored, skipped, failed "
+                  "until the retention deletes them); set by the one worker that owns the outbox.",
+    labelnames=["state"],
+    multiprocess_mode="livemax",
+)
+DICOM_OUTBOX_OLDEST = bentoml.metrics.Gauge(
+    name="osteoscreen_dicom_outbox_oldest_pending_seconds",
+    documentation="Seconds the oldest outbox entry not yet finished (received, screened or waiting) has waited; 0 when "
+                  "none (the OsteoscreenDicomOutboxStuck alert watches it).",
+    multiprocess_mode="livemax",
+)
+DICOM_STORE_RETRIES = bentoml.metrics.Counter(
+    name="osteoscreen_dicom_store_retries_total",
+    documentation="Store-back attempts that repeated an earlier failed attempt of the same result.",
+)
+DICOM_STORE_FAILURES = bentoml.metrics.Counter(
+    name="osteoscreen_dicom_store_failures_total",
+    documentation="Store-back attempts that failed (each is retried with backoff), by kind: association (refused or "
+                  "unreachable), status (the destination answered a failure status), error (anything else).",
+    labelnames=["kind"],
+)

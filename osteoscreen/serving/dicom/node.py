@@ -31,11 +31,15 @@ from osteoscreen import settings
 from osteoscreen.errors import ImageDecodeError, ModelUnavailableError, OutOfIntendedUseError, OverloadedError
 from osteoscreen.intended_use.header import check_dataset
 from osteoscreen.intended_use.rules import IntendedUse
-from osteoscreen.serving.dicom.outbox import RECEIVED, Entry, Outbox
+from osteoscreen.serving import metrics
+from osteoscreen.serving.dicom.outbox import RECEIVED, STATES, Entry, Outbox
 from osteoscreen.serving.dicom.scp import Listener
-from osteoscreen.serving.dicom.scu import DicomDestination, StoreError
+from osteoscreen.serving.dicom.scu import ResultStore, StoreError, open_destination
+
+from osteoscreen.types import Prediction
 
 if TYPE_CHECKING:
+    from osteoscreen.serving.explanations import ExplainPath
     from osteoscreen.serving.inference import InferencePath
 
 log = logging.getLogger("osteoscreen.dicom")
@@ -47,10 +51,11 @@ BUSY_RETRY_S = 1.0  # an entry the model could not take (busy, not ready) is tri
 class DicomNode:
     """`await start(host, port)` on the serving loop (returns the listening port); `await stop()`."""
 
-    def __init__(self, predictor: InferencePath, outbox: Outbox, destination: DicomDestination, ae_title: str,
+    def __init__(self, predictor: InferencePath, outbox: Outbox, destination: ResultStore, ae_title: str,
                  allowed_aes: tuple[str, ...] = (), concurrency: int = 8, timeout: float = 120.0,
-                 poll_s: float = 1.0) -> None:
+                 poll_s: float = 1.0, explainer: ExplainPath | None = None) -> None:
         self.predictor, self.outbox, self.destination = predictor, outbox, destination
+        self.explainer = explainer  # set: each SR goes with its explanation overlay (OSTEOSCREEN_RESULTS_OVERLAY)
         self.concurrency, self.timeout, self.poll_s = concurrency, timeout, poll_s
         self.listener = Listener(outbox, ae_title, allowed_aes, on_accept=self._wake_threadsafe)
         self.outcomes: Counter[str] = Counter()  # screened, stored, store_retry, skipped:<check>, failed:<reason>
@@ -62,14 +67,16 @@ class DicomNode:
         self.port: int | None = None
 
     @classmethod
-    def from_settings(cls, predictor: InferencePath, s: settings.Settings | None = None) -> DicomNode:
+    def from_settings(cls, predictor: InferencePath, s: settings.Settings | None = None,
+                      explainer: ExplainPath | None = None) -> DicomNode:
+        """`explainer` is used only with OSTEOSCREEN_RESULTS_OVERLAY set."""
         s = s or settings.current()
         if not s.results_destination:
             raise settings.SettingsError("OSTEOSCREEN_DICOM_PORT is set but OSTEOSCREEN_RESULTS_DESTINATION is not: "
                                          "the node needs somewhere to store its results")
-        outbox = Outbox(s.outbox_path, s.outbox_retention_s, s.results_retry_s, s.results_retry_max_s)
-        destination = DicomDestination(settings.destination(s.results_destination), s.dicom_ae_title)
-        return cls(predictor, outbox, destination, s.dicom_ae_title, s.allowed_aes)
+        destination = open_destination(settings.destination(s.results_destination), s.dicom_ae_title)
+        return cls(predictor, Outbox.from_settings(s), destination, s.dicom_ae_title, s.allowed_aes,
+                   explainer=explainer if s.results_overlay else None)
 
     async def start(self, host: str, port: int) -> int:
         self._loop = asyncio.get_running_loop()
@@ -90,6 +97,20 @@ class DicomNode:
             await asyncio.gather(self._runner, *self._inflight.values(), return_exceptions=True)
         self.outbox.close()
 
+    def _outcome(self, key: str) -> None:
+        """Count an intake outcome (`screened`, `skipped:<check>`, `failed:<reason>`), here and in the metric."""
+        self.outcomes[key] += 1
+        outcome, _, reason = key.partition(":")
+        metrics.DICOM_INTAKE.labels(outcome=outcome, reason=reason).inc()
+
+    def _observe_outbox(self) -> None:
+        """The outbox gauges: entries by state (0 for an empty state, so a series does not vanish) and the age of
+        the oldest unfinished entry."""
+        counts = self.outbox.counts()
+        for state in STATES:
+            metrics.DICOM_OUTBOX.labels(state=state).set(counts.get(state, 0))
+        metrics.DICOM_OUTBOX_OLDEST.set(self.outbox.oldest_pending_age())
+
     def _wake_threadsafe(self) -> None:
         if self._loop is not None and self._wake is not None:
             self._loop.call_soon_threadsafe(self._wake.set)
@@ -102,6 +123,10 @@ class DicomNode:
             if now - last_expiry > 60:
                 await asyncio.to_thread(self.outbox.expire)
                 last_expiry = now
+            try:
+                await asyncio.to_thread(self._observe_outbox)
+            except Exception as exc:  # noqa: BLE001 - a metric must not stop the worker
+                log.warning("DICOM node: reading the outbox's gauges failed (%s)", type(exc).__name__)
             ready = self.predictor.is_ready()
             for entry in await asyncio.to_thread(self.outbox.due):
                 if len(self._inflight) >= self.concurrency:
@@ -128,7 +153,7 @@ class DicomNode:
         except Exception as exc:  # noqa: BLE001 - a bug must not stop the worker; logged as its type only
             log.error("DICOM node: working an outbox entry failed (%s); recorded as failed", type(exc).__name__)
             await asyncio.to_thread(self.outbox.failed, entry, "internal")
-            self.outcomes["failed:internal"] += 1
+            self._outcome("failed:internal")
 
     async def _screen(self, entry: Entry) -> Entry | None:
         """Screen a received entry; the entry, now screened, when there is an SR to store back, else None."""
@@ -140,7 +165,7 @@ class DicomNode:
         if check:
             return await self._finish(entry, "skipped", check)
         try:
-            (prediction,) = await self.predictor.predict([data], ["dicom"], timeout=self.timeout, dicom=[True])
+            prediction = await self._predict(data)
         except OutOfIntendedUseError as exc:
             check = exc.findings[0].check if exc.findings else "content"
             return await self._finish(entry, "skipped" if check in HEADER_CHECKS else "failed", check)
@@ -154,14 +179,24 @@ class DicomNode:
             check = prediction.findings[0].check
             return await self._finish(entry, "skipped" if check in HEADER_CHECKS else "failed", check)
         results = prediction.dicom
-        if not await asyncio.to_thread(self.outbox.screened, entry, results.sr, results.sr_sop_instance_uid):
+        overlay = results.images[0] if results.images else None
+        if not await asyncio.to_thread(self.outbox.screened, entry, results.sr, results.sr_sop_instance_uid, overlay):
             return None
-        self.outcomes["screened"] += 1
+        self._outcome("screened")
         return await asyncio.to_thread(self.outbox.get, entry.sop_instance_uid)
+
+    async def _predict(self, data: bytes) -> Prediction:
+        """The prediction with its DICOM results: through the batcher, or, with the overlay asked for, through the
+        explanation path (the same decode, checks and model; its own concurrency limit)."""
+        if self.explainer is not None:
+            served = await self.explainer.explain(data, "dicom", timeout=self.timeout, protocol="dicom", dicom=True)
+            return served.prediction
+        (prediction,) = await self.predictor.predict([data], ["dicom"], timeout=self.timeout, dicom=[True])
+        return prediction
 
     async def _finish(self, entry: Entry, state: str, reason: str) -> None:
         await asyncio.to_thread(self.outbox.skipped if state == "skipped" else self.outbox.failed, entry, reason)
-        self.outcomes[f"{state}:{reason}"] += 1
+        self._outcome(f"{state}:{reason}")
         log.info("DICOM node: an instance was %s (%s)", state, reason)
         return None
 
@@ -169,10 +204,14 @@ class DicomNode:
         result = await asyncio.to_thread(self.outbox.result, entry)
         if result is None:
             return
+        if entry.attempts:
+            metrics.DICOM_STORE_RETRIES.inc()
         try:
-            await asyncio.to_thread(self.destination.store, result)
+            for instance in result:  # the overlay first: the SR references it
+                await asyncio.to_thread(self.destination.store, instance)
         except Exception as exc:  # noqa: BLE001 - any failure to store is retried; logged without its text
             why = str(exc) if isinstance(exc, StoreError) else type(exc).__name__
+            metrics.DICOM_STORE_FAILURES.labels(kind=exc.kind if isinstance(exc, StoreError) else "error").inc()
             delay = await asyncio.to_thread(self.outbox.store_failed, entry)
             self.outcomes["store_retry"] += 1
             log.warning("DICOM node: storing a result back failed (%s); attempt %d, next in %.0f s", why,

@@ -28,10 +28,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from osteoscreen import settings
+
 FILE_NAME = "outbox.sqlite3"
 RECEIVED, SCREENED, WAITING, STORED, SKIPPED, FAILED = "received", "screened", "waiting", "stored", "skipped", "failed"
 PENDING = (RECEIVED, SCREENED, WAITING)
 FINISHED = (STORED, SKIPPED, FAILED)
+STATES = PENDING + FINISHED
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (
@@ -46,7 +49,8 @@ CREATE TABLE IF NOT EXISTS entries (
     updated_at REAL NOT NULL,
     result_uid TEXT NOT NULL DEFAULT '',
     data BLOB,                        -- the instance as received (Part 10); NULL once finished
-    result BLOB                       -- the SR to store back (Part 10); NULL once finished
+    result BLOB,                      -- the SR to store back (Part 10); NULL once finished
+    overlay BLOB                      -- the overlay Secondary Capture the SR references, when asked for; idem
 );
 CREATE INDEX IF NOT EXISTS entries_state ON entries (state, next_try);
 """
@@ -91,6 +95,10 @@ class Outbox:
         self._db.execute("PRAGMA secure_delete=ON")  # a purged instance's pages are zeroed, not left in free pages
         self._db.executescript(_SCHEMA)
 
+    @classmethod
+    def from_settings(cls, s: settings.Settings) -> Outbox:
+        return cls(s.outbox_path, s.outbox_retention_s, s.results_retry_s, s.results_retry_max_s)
+
     def close(self) -> None:
         with self._lock:
             self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -115,7 +123,7 @@ class Outbox:
             "VALUES (?, ?, 1, ?, ?, ?, ?) ON CONFLICT (sop_instance_uid) DO UPDATE SET "
             "sop_class_uid = excluded.sop_class_uid, generation = entries.generation + 1, state = excluded.state, "
             "reason = '', attempts = 0, next_try = 0, received_at = excluded.received_at, "
-            "updated_at = excluded.updated_at, result_uid = '', data = excluded.data, result = NULL",
+            "updated_at = excluded.updated_at, result_uid = '', data = excluded.data, result = NULL, overlay = NULL",
             (sop_instance_uid, sop_class_uid, RECEIVED, now, now, data))
 
     # -- reading -----------------------------------------------------------------------------------------
@@ -141,10 +149,14 @@ class Outbox:
                           (entry.sop_instance_uid, entry.generation))
         return rows[0][0] if rows else None
 
-    def result(self, entry: Entry) -> bytes | None:
-        rows = self._rows("SELECT result FROM entries WHERE sop_instance_uid = ? AND generation = ?",
+    def result(self, entry: Entry) -> list[bytes] | None:
+        """The instances to store back, in order: the overlay (when there is one) before the SR that references it,
+        so the PACS never holds an SR pointing at an image it lacks. None: re-sent since, or finished."""
+        rows = self._rows("SELECT overlay, result FROM entries WHERE sop_instance_uid = ? AND generation = ?",
                           (entry.sop_instance_uid, entry.generation))
-        return rows[0][0] if rows else None
+        if not rows or rows[0][1] is None:
+            return None
+        return [part for part in rows[0] if part is not None]
 
     def counts(self) -> dict[str, int]:
         return dict(self._rows("SELECT state, COUNT(*) FROM entries GROUP BY state"))
@@ -162,17 +174,18 @@ class Outbox:
         return self._write(f"UPDATE entries SET {sets}, updated_at = ? WHERE sop_instance_uid = ? AND generation = ?",
                            (*args, self._clock(), entry.sop_instance_uid, entry.generation)) == 1
 
-    def screened(self, entry: Entry, result: bytes, result_uid: str) -> bool:
-        """The SR is built: hold it until it is stored back (the instance too, until then)."""
-        return self._move(entry, "state = ?, result = ?, result_uid = ?, next_try = 0", (SCREENED, result, result_uid))
+    def screened(self, entry: Entry, result: bytes, result_uid: str, overlay: bytes | None = None) -> bool:
+        """The SR (and its overlay) is built: hold it until it is stored back (the instance too, until then)."""
+        return self._move(entry, "state = ?, result = ?, overlay = ?, result_uid = ?, next_try = 0",
+                          (SCREENED, result, overlay, result_uid))
 
     def skipped(self, entry: Entry, check: str) -> bool:
         """Outside the intended use by its header (`check`: modality, body_part, view, patient_age): not screened."""
-        return self._move(entry, "state = ?, reason = ?, data = NULL, result = NULL", (SKIPPED, check))
+        return self._move(entry, "state = ?, reason = ?, data = NULL, result = NULL, overlay = NULL", (SKIPPED, check))
 
     def failed(self, entry: Entry, reason: str) -> bool:
         """No result can be made (`reason`: content, invalid_input, internal): recorded, the image purged."""
-        return self._move(entry, "state = ?, reason = ?, data = NULL, result = NULL", (FAILED, reason))
+        return self._move(entry, "state = ?, reason = ?, data = NULL, result = NULL, overlay = NULL", (FAILED, reason))
 
     def store_failed(self, entry: Entry, reason: str = "destination") -> float:
         """Storing the result back failed: wait (exponential backoff) and try again. Returns the delay."""
@@ -188,7 +201,7 @@ class Outbox:
 
     def stored(self, entry: Entry) -> bool:
         """Stored back: finished; the instance and the SR are purged (the UIDs and state stay for the retention)."""
-        return self._move(entry, "state = ?, reason = '', data = NULL, result = NULL", (STORED,))
+        return self._move(entry, "state = ?, reason = '', data = NULL, result = NULL, overlay = NULL", (STORED,))
 
     def expire(self, now: float | None = None) -> int:
         """Delete finished rows older than the retention; returns how many."""

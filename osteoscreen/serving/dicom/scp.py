@@ -16,6 +16,7 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification
 from pydicom import uid
 
+from osteoscreen.serving import metrics
 from osteoscreen.serving.dicom.outbox import Outbox
 
 log = logging.getLogger("osteoscreen.dicom")
@@ -44,11 +45,13 @@ class Listener:
         self._server = None
         self.accepted = 0
         self.refused = 0
+        self.rejected = 0
         self._count = threading.Lock()
 
     def start(self, host: str, port: int) -> int:
         self._server = self.ae.start_server((host, port), block=False,
-                                            evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
+                                            evt_handlers=[(evt.EVT_C_STORE, self._on_store),
+                                                          (evt.EVT_REJECTED, self._on_rejected)])
         return self._server.server_address[1]
 
     def stop(self) -> None:
@@ -65,8 +68,17 @@ class Listener:
             log.warning("C-STORE not accepted: the outbox failed (%s)", type(exc).__name__)
             with self._count:
                 self.refused += 1
+            metrics.DICOM_INTAKE.labels(outcome="refused", reason="outbox").inc()
             return OUT_OF_RESOURCES
         with self._count:
             self.accepted += 1
+        metrics.DICOM_INTAKE.labels(outcome="received", reason="c_store").inc()
         self.on_accept()
         return SUCCESS
+
+    def _on_rejected(self, event) -> None:
+        """An association rejected (a calling AE outside the allow-list, or too many associations): counted,
+        never logged with the AE title (it may name a site)."""
+        with self._count:
+            self.rejected += 1
+        metrics.DICOM_INTAKE.labels(outcome="rejected", reason="association").inc()
