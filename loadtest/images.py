@@ -149,3 +149,29 @@ def build_mix(data_dir: str | os.PathLike | None = None, mix: str = DEFAULT_MIX,
     if len(missing) == sum(1 for w in weights.values() if w > 0):
         raise ValueError(f"no images for any format of the mix {mix!r} ({source})")
     return ImageMix(by_format, {f: w for f, w in weights.items() if by_format[f]}, source)
+
+
+def lumbar_lateral_dicom(png: bytes, header: bytes | None = None, age: str = "065Y") -> bytes:
+    """A phantom radiograph as a modality would send a lateral lumbar film: a real CR header (pydicom-data's RG3
+    unless `header` is given) retagged LSPINE, LL, an adult age, in a study, series and instance of its own, with
+    the phantom's pixels (16-bit MONOCHROME2). What the DICOM node screens in its tests and its benchmark."""
+    import numpy as np
+    import pydicom
+    from PIL import Image
+
+    if header is None:
+        from pydicom.data import get_testdata_file
+
+        header = Path(get_testdata_file("RG3_UNCR.dcm")).read_bytes()
+    ds = pydicom.dcmread(io.BytesIO(header))
+    ds.BodyPartExamined, ds.ViewPosition, ds.PatientAge = "LSPINE", "LL", age
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    for keyword in ("WindowCenter", "WindowWidth"):  # the header's window is for its own pixels
+        if keyword in ds:
+            delattr(ds, keyword)
+    gray = np.asarray(Image.open(io.BytesIO(png)).convert("L"), dtype=np.uint16) * 257
+    ds.set_pixel_data(gray, photometric_interpretation="MONOCHROME2", bits_stored=16)
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()

@@ -6,6 +6,7 @@
 #   make bench      raw model vs served throughput and p50/p95 at concurrency 1/8/32; markdown + JSON
 #   make overload   offered load OVERLOAD_FACTOR x capacity: every answer within its deadline, bounded memory
 #   make soak       Locust for SOAK_RUN_TIME at SOAK_LOAD x the capacity `make bench` measured; zero failures
+#   make bench-dicom  the DICOM node: C-STORE over 8 associations to SR stored back in Orthanc, against the raw model
 #   make bench-gpu  on a GPU machine (a few minutes): raw float32 vs bfloat16, a short served bench; gpu.json/gpu.md
 LOADTEST_USERS ?= 6
 LOADTEST_SPAWN_RATE ?= 6
@@ -29,7 +30,7 @@ SOAK_USERS ?= 16
 # the inputs `make bench` measured capacity with (no DICOM), so that SOAK_LOAD is a true share of capacity
 SOAK_MIX ?= png=2,jpeg=1
 
-.PHONY: loadtest bench overload soak bench-gpu
+.PHONY: loadtest bench overload soak bench-gpu bench-dicom
 
 loadtest: model
 	$(BIN)/python -m loadtest.run --users $(LOADTEST_USERS) --spawn-rate $(LOADTEST_SPAWN_RATE) \
@@ -50,3 +51,6 @@ soak: model
 
 bench-gpu: model
 	$(BIN)/python -m loadtest.gpu --out $(BENCH_OUT)/gpu
+
+bench-dicom: model tools
+	$(BIN)/python -m loadtest.dicom_node --out $(BENCH_OUT) $(BENCH_DICOM_ARGS)

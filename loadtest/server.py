@@ -109,23 +109,28 @@ class ServerProcess:
         return total
 
     def kill(self, timeout: float = 30.0) -> None:
-        """SIGKILL the server and every process under it, as a node failure would, and wait until all are gone.
-        BentoML's workers run in sessions of their own, so a signal to the process group alone leaves them alive
-        (and holding whatever they held) for a while after their parent died."""
+        """SIGKILL the server and every process under it, as a node failure would, and wait until all are gone."""
+        self._kill_all(self.processes(), timeout)
+        self.stop()
+
+    @staticmethod
+    def _kill_all(tree: list, timeout: float) -> None:
         import psutil
 
-        tree = self.processes()
         for p in tree:
             try:
                 p.kill()
             except psutil.NoSuchProcess:
                 pass
         psutil.wait_procs(tree, timeout=timeout)
-        self.stop()
 
     def stop(self, timeout: float = 60.0) -> int | None:
+        """SIGTERM (a graceful shutdown), then SIGKILL after `timeout`; either way no process of the server is left.
+        BentoML's workers run in sessions of their own, so a signal to the process group alone can leave one
+        alive (and holding its ports and locks) after its parent died."""
         if self.proc is None:
             return None
+        tree = self.processes()
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
             try:
@@ -133,6 +138,7 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
+        self._kill_all([p for p in tree if p.is_running()], 10.0)
         if self._log:
             self._log.close()
             self._log = None

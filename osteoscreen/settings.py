@@ -111,6 +111,8 @@ class Settings(BaseModel):
     dicom_allowed_aes: Optional[str] = Field(None, description="comma list of the calling AE titles allowed to "
                                                                "associate; any other is rejected (unset: any)",
                                          json_schema_extra={"accepts": "AE titles (1-16 characters), comma separated"})
+    dicom_concurrency: int = Field(32, ge=1, le=256, description="outbox entries the node screens at once: enough "
+                                                                 "to fill the model's batches, each holding one decoded image")
     results_destination: Optional[str] = Field(
         None, description="where the node stores results back: `dicom://AET@host:port` (C-STORE); "
                           "`http(s)://host:port/path`, a DICOMweb service root (STOW-RS); required with the DICOM port",

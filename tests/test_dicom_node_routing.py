@@ -17,7 +17,8 @@ from osteoscreen.serving.http import create_app, multipart_related
 from osteoscreen.settings import destination
 from tests.test_dicom_node_pacs import (MODALITY, NODE, RecordingDestination, chest, loop, orthanc_destination,  # noqa: F401
                                         running, spine, srs_in_study, uids)
-from tests.test_dicom_pacs import DICOMWEB_PLUGIN, Orthanc, orthanc  # noqa: F401
+from loadtest.orthanc import DICOMWEB_PLUGIN, Orthanc
+from tests.test_dicom_pacs import orthanc  # noqa: F401
 from tests.test_dicom_results import source
 from tests.waiting import wait_until
 

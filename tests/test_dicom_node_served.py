@@ -5,17 +5,15 @@ server with a result not yet stored back, after which the restarted server store
 
 from __future__ import annotations
 
-import io
 import sqlite3
 import subprocess
 from pathlib import Path
 
-import numpy as np
 import pydicom
 import pytest
 import requests
-from PIL import Image
 
+from loadtest.images import lumbar_lateral_dicom
 from loadtest.server import ServerProcess, free_port
 from osteoscreen.dicom_results import reader
 from tests.test_dicom_node_pacs import MODALITY, NODE, Gate, chest, srs_in_study, uids
@@ -28,18 +26,8 @@ pytestmark = [pytest.mark.server, pytest.mark.slow]
 
 def lumbar_lateral(png: Path) -> bytes:
     """A phantom lateral lumbar film the registered model was trained on (`osteoscreen synth`'s PNG, so the content
-    check passes) wrapped as DICOM: a pydicom-data CR header, LSPINE, LL, an adult age, a study of its own."""
-    ds = pydicom.dcmread(io.BytesIO(source("RG3_J2KR", BodyPartExamined="LSPINE", ViewPosition="LL",
-                                           PatientAge="065Y", StudyInstanceUID=pydicom.uid.generate_uid(),
-                                           SeriesInstanceUID=pydicom.uid.generate_uid(),
-                                           SOPInstanceUID=pydicom.uid.generate_uid())))
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    del ds.WindowCenter, ds.WindowWidth
-    gray = np.asarray(Image.open(png).convert("L"), dtype=np.uint16) * 257
-    ds.set_pixel_data(gray, photometric_interpretation="MONOCHROME2", bits_stored=16)
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
+    check passes) as DICOM, on a pydicom-data CR header carrying the tests' distinctive patient identifiers."""
+    return lumbar_lateral_dicom(png.read_bytes(), header=source("RG3_J2KR"))
 
 
 @pytest.fixture(scope="module")
@@ -95,12 +83,16 @@ def sample(server: ServerProcess, name: str, **labels: str) -> float:
     return total
 
 
-def test_served_node_stores_srs_into_the_source_study_with_two_front_workers(registered_model, orthanc, films,
-                                                                             tmp_path):
+def test_served_node_stores_results_back_and_completes_them_exactly_once_after_a_sigkill(registered_model, orthanc,
+                                                                                          films, tmp_path):
     """Two front workers: one owns the port and the outbox (the lock), the other waits; both start. With
-    OSTEOSCREEN_RESULTS_OVERLAY the explanation overlay (a Secondary Capture) goes back with the SR."""
+    OSTEOSCREEN_RESULTS_OVERLAY the explanation overlay (a Secondary Capture) goes back with the SR. Then, with the
+    destination down and a result held in the outbox, a SIGKILL of the whole server: the restarted server stores
+    that result exactly once, without screening the image again. (One test, so two server starts, not three.)"""
+    gate = Gate(orthanc.dicom_port)  # the destination, behind a gate the test opens and closes
+    gate.up()
     port = free_port()
-    server = node_server(registered_model, tmp_path, orthanc.dicom_port, port, OSTEOSCREEN_FRONT_WORKERS="2",
+    server = node_server(registered_model, tmp_path, gate.port, port, OSTEOSCREEN_FRONT_WORKERS="2",
                          OSTEOSCREEN_RESULTS_OVERLAY="1")
     try:
         server.wait_ready(600)
@@ -119,15 +111,16 @@ def test_served_node_stores_srs_into_the_source_study_with_two_front_workers(reg
         doc = uids(orthanc.get(f"/instances/{sr['ID']}/file").content)
         assert doc.StudyInstanceUID == study and doc.Modality == "SR"
         assert doc.ContentSequence  # a report, referencing its source (checked in depth by test_dicom_node_pacs)
+        wait_until(lambda: outbox_state(tmp_path, films[0]) == ("stored", "", 0), 30)
         (overlay,) = [i for i in instances_in_study(orthanc, study) if i["ID"] != sr["ID"]]
         image = uids(orthanc.get(f"/instances/{overlay['ID']}/file").content)
         assert image.SOPClassUID == pydicom.uid.SecondaryCaptureImageStorage and image.StudyInstanceUID == study
         assert reader.read(orthanc.get(f"/instances/{sr['ID']}/file").content).result_image_uids == \
             (image.SOPInstanceUID,)  # the SR references its overlay
-        wait_until(lambda: outbox_state(tmp_path, films[0]) == ("stored", "", 0), 30)
         assert outbox_state(tmp_path, rg1) == ("skipped", "body_part", 0)
         assert srs_in_study(orthanc, uids(rg1).StudyInstanceUID) == []
         wait_until(lambda: sample(server, "osteoscreen_dicom_outbox_entries", state="stored") == 1, 30)
+        assert sample(server, "osteoscreen_dicom_intake_total", outcome="received", reason="c_store") == 2
         assert sample(server, "osteoscreen_dicom_intake_total", outcome="screened") == 1
         assert sample(server, "osteoscreen_dicom_intake_total", outcome="skipped", reason="body_part") == 1
         assert sample(server, "osteoscreen_dicom_intake_total", outcome="rejected", reason="association") == 1
@@ -136,23 +129,15 @@ def test_served_node_stores_srs_into_the_source_study_with_two_front_workers(reg
         assert log.count("DICOM node: listening on port") == 1  # one owner
         assert "another process owns the outbox" in log
         assert "Traceback" not in log
-    finally:
-        server.stop()
 
-
-def test_after_a_sigkill_with_a_result_not_stored_back_the_restart_stores_it_exactly_once(registered_model,
-                                                                                         orthanc, films, tmp_path):
-    gate = Gate(orthanc.dicom_port)  # the destination, down
-    film = films[1]
-    first = node_server(registered_model, tmp_path, gate.port, free_port())
-    try:
-        first.wait_ready(600)
-        assert storescu(int(first.env["OSTEOSCREEN_DICOM_PORT"]), tmp_path, film).returncode == 0
+        gate.down()  # the PACS goes down; a result waits in the outbox
+        film = films[1]
+        assert storescu(port, tmp_path, film).returncode == 0
         wait_until(lambda: (outbox_state(tmp_path, film) or ("",))[0] == "waiting", 180,
-                   message=lambda: f"{outbox_state(tmp_path, film)}\n{first.log_tail()}")
-        assert sample(first, "osteoscreen_dicom_store_failures_total", kind="association") >= 1
+                   message=lambda: f"{outbox_state(tmp_path, film)}\n{server.log_tail()}")
+        assert sample(server, "osteoscreen_dicom_store_failures_total", kind="association") >= 1
     finally:
-        first.kill()  # the whole server and its workers, no shutdown hook
+        server.kill()  # the whole server and its workers, no shutdown hook
     assert outbox_state(tmp_path, film)[0] == "waiting"
     assert srs_in_study(orthanc, uids(film).StudyInstanceUID) == []
 

@@ -27,7 +27,7 @@ SCHEMAS = K8S / "schemas"
 
 # What `kubectl apply -k` is pointed at. The base is rendered too (it must build on its own), but it is not
 # deployable alone (no image registry, no autoscaler).
-OVERLAYS = ["overlays/gpu", "overlays/cpu", "overlays/gpu-keda", "overlays/gpu-tls"]
+OVERLAYS = ["overlays/gpu", "overlays/cpu", "overlays/gpu-keda", "overlays/gpu-tls", "overlays/cpu-dicom"]
 KUSTOMIZATIONS = ["base", *OVERLAYS, "gateway"]
 NAMESPACE = "osteoscreen"
 

@@ -37,6 +37,11 @@ def deployment(docs):
     return one(docs, "Deployment", "osteoscreen")
 
 
+def workloads(docs) -> list[dict]:
+    """The Deployment, and the PACS node's StatefulSet where the overlay has one (k8s/components/dicom-node)."""
+    return [deployment(docs), *find(docs, "StatefulSet")]
+
+
 def pod_spec(docs):
     return deployment(docs)["spec"]["template"]["spec"]
 
@@ -226,15 +231,21 @@ def test_configmap_carries_the_service_settings(overlay):
 # ============================================================================ names and labels
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_services_select_the_pods_and_name_real_ports(overlay):
+    """Every Service selects the pods of exactly one workload and names that workload's ports."""
     docs = render(overlay)
-    pod_labels = deployment(docs)["spec"]["template"]["metadata"]["labels"]
-    assert selects(deployment(docs)["spec"]["selector"], pod_labels)
-    container_ports = {p["name"] for p in main_container(docs)["ports"]}
+    pods = [(w["spec"]["template"]["metadata"]["labels"], w) for w in workloads(docs)]
+    for labels, workload in pods:
+        assert selects(workload["spec"]["selector"], labels)
+        assert sum(selects(other["spec"]["selector"], labels) for _, other in pods) == 1, "overlapping selectors"
     services = find(docs, "Service")
     for service in services:
-        assert selects({"matchLabels": service["spec"]["selector"]}, pod_labels), service["metadata"]["name"]
+        (workload,) = [w for labels, w in pods if selects({"matchLabels": service["spec"]["selector"]}, labels)]
+        container = next(c for c in workload["spec"]["template"]["spec"]["containers"] if c["name"] == "osteoscreen")
+        container_ports = {p["name"] for p in container["ports"]}
         for port in service["spec"]["ports"]:
             assert port["targetPort"] in container_ports
+            if port["name"] == "dicom":  # DICOM upper layer over TCP: no appProtocol applies
+                continue
             assert port.get("appProtocol"), f"{service['metadata']['name']}:{port['name']} needs appProtocol"
             if port["name"] == "grpc":
                 assert port["port"] == GRPC_PORT and port["appProtocol"] in ("kubernetes.io/h2c", "grpc")
@@ -249,7 +260,11 @@ def test_servicemonitor_scrapes_exactly_the_main_service(overlay):
     docs = render(overlay)
     monitor = one(docs, "ServiceMonitor")
     matched = [s for s in find(docs, "Service") if selects(monitor["spec"]["selector"], s["metadata"]["labels"])]
-    assert [s["metadata"]["name"] for s in matched] == ["osteoscreen"], "one Service, so one target per pod"
+    # one Service per workload (the PACS node's too, where there is one), so one target per pod
+    assert [s["metadata"]["name"] for s in matched] == ["osteoscreen"] + (["osteoscreen-dicom"] if find(
+        docs, "StatefulSet") else []), "one Service per workload, so one target per pod"
+    for dicom in matched[1:]:
+        assert dicom["metadata"]["labels"][monitor["spec"]["jobLabel"]] == JOB  # the same job: the same alerts
     service = matched[0]
     service_ports = {p["name"]: p for p in service["spec"]["ports"]}
     for endpoint in monitor["spec"]["endpoints"]:
@@ -308,8 +323,10 @@ def test_pdb_and_networkpolicy_cover_the_pods(overlay):
     pdb = one(docs, "PodDisruptionBudget")
     assert selects(pdb["spec"]["selector"], pod_labels)
     assert pdb["spec"].get("maxUnavailable") == 1 or pdb["spec"].get("minAvailable") == 1
-    policy = one(docs, "NetworkPolicy")
-    assert selects(policy["spec"]["podSelector"], pod_labels)
+    for workload in workloads(docs):  # each workload's pods under exactly one policy
+        labels = workload["spec"]["template"]["metadata"]["labels"]
+        assert sum(selects(p["spec"]["podSelector"], labels) for p in find(docs, "NetworkPolicy")) == 1
+    (policy,) = [p for p in find(docs, "NetworkPolicy") if selects(p["spec"]["podSelector"], pod_labels)]
     assert "Ingress" in policy["spec"]["policyTypes"]
     port_names = {p["name"] for p in main_container(docs)["ports"]}
     sources = []

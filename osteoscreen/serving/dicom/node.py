@@ -76,7 +76,7 @@ class DicomNode:
                                          "the node needs somewhere to store its results")
         destination = open_destination(settings.destination(s.results_destination), s.dicom_ae_title)
         return cls(predictor, Outbox.from_settings(s), destination, s.dicom_ae_title, s.allowed_aes,
-                   explainer=explainer if s.results_overlay else None)
+                   concurrency=s.dicom_concurrency, explainer=explainer if s.results_overlay else None)
 
     async def start(self, host: str, port: int) -> int:
         self._loop = asyncio.get_running_loop()
