@@ -120,7 +120,7 @@ from osteoscreen.imaging.decode import to_model_input
 from osteoscreen.model import bundle
 from osteoscreen.model.explainer import Explainer
 
-model = bundle.load()
+model = bundle.load(sys.argv[2] if len(sys.argv) > 2 else None)
 explainer = Explainer(model)
 rng = np.random.default_rng(0)
 rows = []
@@ -128,7 +128,10 @@ for s in phantom.iter_samples(int(sys.argv[1]), seed=11):  # unseen patients (th
     image = to_model_input(s.image)
     e = explainer.explain(image)
     d = fx.deletion(image, e, model.probabilities, rng)
-    rows.append({"label": s.label, "top": d.moved_top, "random": d.moved_random})
+    normal = to_model_input(phantom.render_view(s.patient_id, s.view, 11, t_score=phantom.NORMAL_T).image)
+    n = fx.deletion(image, e, model.probabilities, rng, fill=normal)
+    rows.append({"label": s.label, "top": d.moved_top, "random": d.moved_random,
+                 "top_normal": n.moved_top, "random_normal": n.moved_random})
 print(json.dumps(rows))
 """
 
