@@ -62,6 +62,9 @@ class Prediction:
     # intended-use checks this image failed; non-empty on a screening answer only under the `flag` policy (refuse
     # raises); an explanation names them under either policy (its DICOM results follow the policy)
     findings: tuple[Finding, ...] = ()
+    # answered, but look again: the content check's borderline band ("unusual image: check the view and the
+    # exposure"), under either policy; never a refusal and never counted as outside the intended use
+    cautions: tuple[Finding, ...] = ()
     dicom: DicomResults | None = None  # only when the caller asked for DICOM results
 
 

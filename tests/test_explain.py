@@ -120,7 +120,7 @@ from osteoscreen.imaging.decode import to_model_input
 from osteoscreen.model import bundle
 from osteoscreen.model.explainer import Explainer
 
-model = bundle.load()
+model = bundle.load(sys.argv[2] if len(sys.argv) > 2 else None)
 explainer = Explainer(model)
 rng = np.random.default_rng(0)
 rows = []
@@ -128,7 +128,10 @@ for s in phantom.iter_samples(int(sys.argv[1]), seed=11):  # unseen patients (th
     image = to_model_input(s.image)
     e = explainer.explain(image)
     d = fx.deletion(image, e, model.probabilities, rng)
-    rows.append({"label": s.label, "top": d.moved_top, "random": d.moved_random})
+    normal = to_model_input(phantom.render_view(s.patient_id, s.view, 11, t_score=phantom.NORMAL_T).image)
+    n = fx.deletion(image, e, model.probabilities, rng, fill=normal)
+    rows.append({"label": s.label, "top": d.moved_top, "random": d.moved_random,
+                 "top_normal": n.moved_top, "random_normal": n.moved_random})
 print(json.dumps(rows))
 """
 
@@ -136,8 +139,12 @@ print(json.dumps(rows))
 @pytest.mark.slow
 def test_deletion_of_the_top_attribution_moves_the_probability_more_than_random(registered_model):
     """Deletion test on 24 unseen phantom images, with the model trained by `osteoscreen train`: replacing
-    the top 20% of the image by attribution with its local background moves the served probability more
-    than replacing a random 20%, on average and within each class."""
+    the top 20% of the image by attribution moves the served probability more than replacing a random 20%,
+    on average and within each class, with either fill: the local background (a blur) and the neutral fill
+    (the same film rendered with normal bone density, which unlike blur adds no osteoporosis-like loss of
+    texture). Measured with this model: normal 0.206 vs 0.110 (blur) and 0.126 vs 0.085 (neutral);
+    osteoporosis 0.160 vs 0.129 (top beats random on 4 of 7) and 0.195 vs 0.166 (5 of 7): on the positives the
+    margin is thin (docs/results/README.md#explanations)."""
     import subprocess
     import sys
 
@@ -146,9 +153,12 @@ def test_deletion_of_the_top_attribution_moves_the_probability_more_than_random(
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads(result.stdout.strip().splitlines()[-1])
     assert len(rows) == 24
-    top, rand = np.array([r["top"] for r in rows]), np.array([r["random"] for r in rows])
-    assert top.mean() > rand.mean(), (top.mean(), rand.mean())
-    for label in ("normal", "osteoporosis"):
-        part = [i for i, r in enumerate(rows) if r["label"] == label]
-        assert part, f"no {label} image among the 24"
-        assert top[part].mean() > rand[part].mean(), (label, top[part].mean(), rand[part].mean())
+    for fill in ("", "_normal"):
+        top, rand = np.array([r["top" + fill] for r in rows]), np.array([r["random" + fill] for r in rows])
+        assert top.mean() > rand.mean(), (fill, top.mean(), rand.mean())
+        for label in ("normal", "osteoporosis"):
+            part = [i for i, r in enumerate(rows) if r["label"] == label]
+            assert part, f"no {label} image among the 24"
+            assert top[part].mean() > rand[part].mean(), (label, fill, top[part].mean(), rand[part].mean())
+    positives = [r for r in rows if r["label"] == "osteoporosis"]
+    assert np.mean([r["top_normal"] > r["random_normal"] for r in positives]) >= 0.5, positives

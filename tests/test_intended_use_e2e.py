@@ -81,7 +81,7 @@ def outside(unseen, tmp_path_factory) -> dict[str, tuple[Path, str]]:
         "ultrasound.png": (_png(decode_image(dicom_file("US1_UNCR.dcm"))), "content"),
         "photograph.jpg": (Path(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)).read_bytes(), "content"),
         "logo.png": (Path(cbook.get_sample_data("logo2.png", asfileobj=False)).read_bytes(), "content"),
-        "phantom-rotated.png": (_phantom(unseen[0], np.rot90), "content"),
+        "phantom-rotated.png": (_phantom(unseen[0], np.rot90), "content or caution"),
         "phantom-centre-quarter.png": (_phantom(unseen[1], lambda g: _centre(g, 0.5)), "content"),
     }
     files = {}
@@ -110,10 +110,19 @@ def test_local_predict_accepts_unseen_phantoms_and_refuses_everything_else_with_
     answers, refused, status = _predict(registered_model["env"], [*unseen, *(p for p, _ in outside.values()),
                                                                  *(p for paths in flipped.values() for p in paths)])
     accepted = [p.name for p in unseen if p.name in answers]
-    # The cut-off aims at 99% acceptance, but it is set on this small model's 24 validation images: measured
-    # 57 of 60 (the three refused scored 1.05-1.4x the cut-off, where chest films score 28x and photographs 77x).
-    assert len(accepted) >= 0.93 * len(unseen), {p.name: refused.get(p.name) for p in unseen if p.name not in answers}
+    # Two bands: the refusal edge aims at <= 0.5% of good films refused (measured with this model's settings: 0 of
+    # 400 unseen phantoms over four seeds, 6 answered with the caution); the flag edge at 99% answered plainly.
+    assert len(accepted) >= len(unseen) - 1, {p.name: refused.get(p.name) for p in unseen if p.name not in answers}
+    cautioned = [p.name for p in unseen if answers.get(p.name, {}).get("cautions")]
+    assert len(cautioned) <= 0.1 * len(unseen), cautioned
     for name, (_, check) in outside.items():
+        if check == "content or caution":  # a rotated film: refused, or answered "unusual image: check the view"
+            if name in answers:
+                assert [c["check"] for c in answers[name]["cautions"]] == ["content"], answers[name]
+                assert "unusual image: check the view" in answers[name]["cautions"][0]["reason"]
+            else:
+                assert "content check" in refused[name], refused[name]
+            continue
         assert name in refused, f"{name} was screened: {answers.get(name)}"
         assert f"{check} check" in refused[name], refused[name]
     assert "CHEST" in refused["chest.dcm"] and "EXTREMITY" in refused["tibia.dcm"]

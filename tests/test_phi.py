@@ -138,3 +138,96 @@ def test_an_internal_error_on_every_api_answers_a_reference_and_logs_no_message(
         assert SECRET not in message, f"{api} answered the exception's message"
         assert _reference(message) in logged, f"{api}'s reference is not in the log"
     assert SECRET not in logged
+
+
+# --- the refusal paths: age, modality, content ------------------------------------------------------------------
+
+BORN, STUDIED, INSTITUTION = "19990417", "20240102", "Hospital^Phisentinel"
+HEADER_VALUES = (SECRET, BORN, STUDIED, INSTITUTION, "24.7", "XC")  # XC: the modality the second film claims
+
+
+def _refused_films() -> dict[str, tuple[bytes, str]]:
+    """check -> (a lateral lumbar film failing only that check, with identifiers), what the refusal must name."""
+    from tests.inputs import retagged
+
+    def film(**tags: object) -> bytes:
+        return retagged("RG3_J2KR", **{"BodyPartExamined": "LSPINE", "ViewPosition": "LL", "PatientAge": "070Y",
+                                       "PatientName": SECRET, "PatientID": "PID-" + SECRET[:7],
+                                       "InstitutionName": INSTITUTION, "StudyDate": STUDIED, **tags})
+
+    return {"patient_age": (film(PatientAge=None, PatientBirthDate=BORN), "patient age under 50"),
+            "modality": (film(Modality="XC"), "modality check"),
+            "content": (film(), "content check")}
+
+
+def test_every_refusal_on_every_api_names_the_check_and_no_header_value_reaches_a_log_or_a_metric(caplog):
+    """HTTP /predict and /explain (with DICOM results: only those follow the policy), gRPC Predict, PredictBatch,
+    PredictStream, Explain and v2 ModelInfer, each sent a film refused by age, by modality and by content: each
+    answer names the check (the age as a band), and no identifier, date, exact age or header value is in any
+    answer, log record (every logger, DEBUG) or label of any metric."""
+    import grpc
+    from prometheus_client import REGISTRY
+
+    from osteoscreen._generated.inference import grpc_predict_v2_pb2 as vpb
+    from osteoscreen._generated.inference import grpc_predict_v2_pb2_grpc as vpb_grpc
+    from osteoscreen._generated.osteoscreen.v1 import screening_pb2 as spb
+    from osteoscreen._generated.osteoscreen.v1 import screening_pb2_grpc as spb_grpc
+    from osteoscreen.intended_use.policy import Policy
+    from osteoscreen.intended_use.rules import IntendedUse
+    from osteoscreen.serving.explanations import ExplainPath
+    from osteoscreen.serving.grpc.server import GrpcServer, GrpcSettings
+    from osteoscreen.serving.inference import InferencePath, ModelInfo
+    from tests.test_dicom_results import FixedExplanation
+    from tests.test_grpc_api import Running
+    from tests.test_intended_use import ScoredModel
+
+    caplog.set_level(logging.DEBUG)
+    info = ModelInfo("osteoscreen", "1", "vgg16", 0.5, IntendedUse(content_cutoff=1.0).to_dict())  # any film > 1
+    predictor = InferencePath(ScoredModel(), policy=Policy.REFUSE)
+    predictor.set_model(info)
+    explainer = ExplainPath(FixedExplanation(0.7, content_score=50.0), lambda: info, policy=Policy.REFUSE)
+    app = http.create_app(predictor)
+    app.state.explainer = explainer
+    client = TestClient(app, raise_server_exceptions=True)
+
+    class WithExplainer(Running):
+        async def _make(self, settings: GrpcSettings) -> GrpcServer:
+            return GrpcServer(self.predictor, settings, explainer=explainer)
+
+    answers: list[tuple[str, str, str]] = []  # (api, check, answer)
+    srv = WithExplainer(predictor)
+    try:
+        stub = spb_grpc.ScreeningStub(srv.channel)
+        for check, (data, named) in _refused_films().items():
+            for api, accept in (("/predict", "application/json"), ("/explain", "application/dicom")):
+                response = client.post(api, content=data, headers={"Content-Type": "application/dicom",
+                                                                   "Accept": accept})
+                assert response.status_code == 422, (api, check, response.text)
+                answers.append((f"HTTP {api}", named, response.text + str(dict(response.headers))))
+            request = spb.PredictRequest(image=data, dicom_results=True)
+            infer = vpb.ModelInferRequest(model_name="osteoporosis")
+            infer.inputs.add(name="image", datatype="BYTES", shape=[1]).contents.bytes_contents.append(data)
+            calls = {
+                "Predict": lambda: stub.Predict(request, timeout=10),
+                "PredictBatch": lambda: stub.PredictBatch(spb.PredictBatchRequest(requests=[request]), timeout=10),
+                "PredictStream": lambda: list(stub.PredictStream(iter([request]), timeout=10)),
+                "Explain": lambda: stub.Explain(request, timeout=10),
+                "ModelInfer": lambda: vpb_grpc.GRPCInferenceServiceStub(srv.channel).ModelInfer(infer, timeout=10),
+            }
+            for name, call in calls.items():
+                with pytest.raises(grpc.RpcError) as caught:
+                    call()
+                assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION, (name, check, caught.value.details())
+                answers.append((f"gRPC {name}", named, caught.value.details()))
+    finally:
+        srv.close()
+    assert len(answers) == 3 * 7
+    for api, named, text in answers:
+        assert named in text, (api, text)
+        leaked = [value for value in HEADER_VALUES if value in text and not (value == "XC" and "modality" in named)]
+        assert not leaked, (api, leaked, text)  # an answer may name the refused modality, nothing else
+    logged = "\n".join(f"{r.name} {r.getMessage()} {r.exc_info or ''}" for r in caplog.records)
+    labels = [value for metric in REGISTRY.collect() for sample in metric.samples for value in sample.labels.values()]
+    for value in HEADER_VALUES:
+        assert value not in logged, value
+        assert not any(value in label for label in labels), value

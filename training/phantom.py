@@ -681,11 +681,19 @@ def iter_samples(n: int, seed: int = 0, config: PhantomConfig = DEFAULT_CONFIG, 
             yield _view_sample(patient, seed, index, k, config, with_mask)
 
 
-def render_view(patient_id: str, view: int, seed: int, config: PhantomConfig = DEFAULT_CONFIG) -> Sample:
+NORMAL_T = 0.0  # the young-adult mean a T-score is measured from: bone that is neither thin nor dense
+
+
+def render_view(patient_id: str, view: int, seed: int, config: PhantomConfig = DEFAULT_CONFIG,
+                t_score: float | None = None) -> Sample:
     """View `view` of patient `patient_id` ("p0007") of the set written with `seed`, with its masks: the
     same pixels `generate_dataset` wrote, plus where the vertebral bodies are (what explanations are
-    checked against)."""
+    checked against). `t_score`: the same patient, pose and exposure with bone of that density instead (and
+    the fractures that density would have had): the neutral fill of the explanations' deletion test."""
     index = int(patient_id.lstrip("p"))
+    if t_score is not None:
+        config = replace(config, t_mean=t_score, t_sd=0.0, t_min=min(config.t_min, t_score),
+                         t_max=max(config.t_max, t_score))
     return _view_sample(_patient(seed, index, config), seed, index, view, config, with_mask=True)
 
 

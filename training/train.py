@@ -11,6 +11,7 @@ import numpy as np
 
 from training import phantom
 from osteoscreen.intended_use import rules as intended_use
+from osteoscreen.imaging.decode import to_model_input
 from osteoscreen.intended_use.content import ContentCheck
 from osteoscreen.model import precision as precision_mod
 from osteoscreen.model.bundle import screening_probability
@@ -18,6 +19,7 @@ from osteoscreen.model.specs import get_spec
 
 from training import dataset, evaluate, fit, report
 from training.augment import augment
+from training.doubtful import DOUBTFUL
 from training.feature_cache import FeatureCache, extract
 
 AUGMENT_ROUNDS = 2  # augmented copies of each training image
@@ -117,8 +119,14 @@ def evaluate_backbone(data: LoadedData, split: dataset.Split, backbone: str, ran
     val_at = evaluate.metrics_at(y_val, p_val, threshold)
     val_positives = [i for i in split.val if y[i] == 1]
     # the content check learns what the training images look like to this model (augmented copies included:
-    # they are the variation the model was taught to accept) and sets its cut-off on validation images
-    content = ContentCheck.fit(fit.stack(train_feats, fitted.features), fit.stack(val_feats, fitted.features))
+    # they are the variation the model was taught to accept) and sets its band edges on validation images and on
+    # the same images rotated and cropped
+    odd = [(i, name) for name in DOUBTFUL for i in split.val]
+    odd_feats = extract(extractor, [f"{data.hashes[i]}-doubtful-{name}" for i, name in odd],
+                        lambda k: to_model_input(DOUBTFUL[odd[k][1]](data.images[odd[k][0]][..., 0])), cache,
+                        desc=f"{backbone} rotated and cropped validation features (content check)")
+    content = ContentCheck.fit(fit.stack(train_feats, fitted.features), fit.stack(val_feats, fitted.features),
+                               doubtful=fit.stack(odd_feats, fitted.features))
     metrics = {
         "backbone": backbone,
         "weights": "random" if random_weights else "imagenet",
@@ -196,9 +204,10 @@ def score_test(outcome: Outcome, seed: int = 0) -> dict:
     # a step-function calibrator shows here first: few distinct answers, some exactly 0 or 1
     m["test_distinct_probabilities"] = int(len(np.unique(p_test)))
     m["test_probabilities_at_0_or_1"] = int(np.sum((p_test <= 0.0) | (p_test >= 1.0)))
-    if outcome.content_check is not None:  # the share of unseen in-distribution images the content check accepts
-        m["content_test_acceptance"] = float(np.mean(outcome.content_check.scores(outcome.X_test)
-                                                     <= outcome.content_check.cutoff))
+    if outcome.content_check is not None:  # what the content check does with unseen in-distribution images
+        scores = outcome.content_check.scores(outcome.X_test)
+        m["content_test_acceptance"] = float(np.mean(scores <= outcome.content_check.cutoff))
+        m["content_test_unflagged"] = float(np.mean(scores <= outcome.content_check.flag_cutoff))
     return m
 
 

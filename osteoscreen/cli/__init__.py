@@ -77,7 +77,8 @@ def _cmd_recalibrate(args: argparse.Namespace) -> int:
     from training.site import recalibrate
 
     print(recalibrate.run(Path(args.data), model_tag=args.model, reports=Path(args.reports), holdout=args.holdout,
-                          method=args.method, seed=args.seed, skip_unreadable=args.skip_unreadable, force=args.force))
+                          method=args.method, seed=args.seed, skip_unreadable=args.skip_unreadable, force=args.force,
+                          confidence=args.confidence))
     return 0
 
 
@@ -189,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="keep images outside the model's intended use too (research use; by default they are "
                         "left out, as evaluate and serving leave them out)")
+    p.add_argument("--confidence", type=float, default=0.95,
+                   help="the threshold keeps sensitivity >= the parent's target with this probability (one-sided "
+                        "Clopper-Pearson lower bound on the fitting positives)")
     p.set_defaults(func=_cmd_recalibrate)
 
     p = sub.add_parser("predict", help="predict files locally (or against a server with --server)")

@@ -51,6 +51,8 @@ def run(files: list[str], model_tag: str | None = None, server: str | None = Non
                     "model": model.tag}
             if p.findings:
                 line["out_of_intended_use"] = [asdict(f) for f in p.findings]
+            if p.cautions:
+                line["cautions"] = [asdict(f) for f in p.cautions]
             if dicom_out is not None:
                 results = sr.to_results(decoded.header, p, algorithm)
                 line["dicom"] = [str(path) for path in result_files.write(results, dicom_out)]
@@ -106,6 +108,8 @@ def predict_files_remote(
                 if r.outside_intended_use:  # the server's policy is `flag`
                     line["out_of_intended_use"] = [{"check": f.check, "value": f.value, "reason": f.reason}
                                                    for f in r.intended_use_findings]
+                if r.cautions:
+                    line["cautions"] = [{"check": f.check, "value": f.value, "reason": f.reason} for f in r.cautions]
                 return line
             return finish
 

@@ -61,6 +61,8 @@ def description(rgb_shape: tuple[int, ...], prediction: Prediction, algorithm: A
     if prediction.findings:
         text += (" OUTSIDE INTENDED USE, NOT A SCREENING RESULT: failed "
                  + "; ".join(f"{f.check} check ({f.reason})" for f in prediction.findings) + ".")
+    if prediction.cautions:
+        text += " Unusual image: check the view and the exposure."
     if not algorithm.clinical:
         text += " " + NOT_CLINICAL
     return text[:1024]  # ST

@@ -48,6 +48,8 @@ SCREENING_CAUTION = ("Screening aid, not a diagnosis: a positive result needs co
                      "a negative result does not exclude osteoporosis.")
 NOT_SCREENING = ("NOT A SCREENING RESULT: this image failed the model's intended-use checks ({checks}); the "
                  "probability is reported for research and site validation only, and no finding is made.")
+UNUSUAL_IMAGE = ("Unusual image: check the view and the exposure. The film is less like the model's training images "
+                 "than typical ones ({reason}); the finding stands, but read it with the film.")
 REQUIRED = ("StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID", "SOPInstanceUID")
 
 
@@ -165,8 +167,9 @@ def _cautions(algorithm: Algorithm, prediction: Prediction) -> hd.sr.ContainerCo
     container = hd.sr.ContainerContentItem(
         name=codes.QUALITATIVE_EVALUATIONS, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
     checks = ", ".join(dict.fromkeys(f.check for f in prediction.findings))
-    texts = ([NOT_SCREENING.format(checks=checks)] if prediction.findings else []) + [SCREENING_CAUTION] + \
-        ([] if algorithm.clinical else [NOT_CLINICAL])
+    texts = ([NOT_SCREENING.format(checks=checks)] if prediction.findings else []) + \
+        [UNUSUAL_IMAGE.format(reason=c.reason.split("(", 1)[-1].rstrip(")")) for c in prediction.cautions] + \
+        [SCREENING_CAUTION] + ([] if algorithm.clinical else [NOT_CLINICAL])
     container.ContentSequence = hd.sr.ContentSequence([
         hd.sr.TextContentItem(name=codes.COMMENT, value=text, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
         for text in texts])

@@ -36,9 +36,12 @@ class IntendedUse:
     views: tuple[str, ...] = VIEWS
     age_years: tuple[float, float] = DEFAULT_AGE_YEARS
     age_source: str = DEFAULT_AGE_SOURCE
-    # the content check: its cut-off on the out-of-distribution score and the acceptance it was chosen for
+    # the content check: its refusal edge on the out-of-distribution score, the acceptance it was chosen for,
+    # and the edge of the borderline band below it (answered, flagged "unusual image"); a model card from before
+    # the two bands has no flag edge and refuses above `content_cutoff` as it always did
     content_cutoff: float | None = None
     content_acceptance: float | None = None
+    content_flag_cutoff: float | None = None
     extra: dict = field(default_factory=dict)  # what the card says beyond these (method, counts), kept as is
 
     def to_dict(self) -> dict:

@@ -114,6 +114,8 @@ def _dicom_response(prediction: Prediction, with_images: bool = False) -> Respon
     }
     if prediction.findings:  # the SR says so too; a router need not parse it to keep it out of a worklist
         headers["X-OsteoScreen-Outside-Intended-Use"] = ",".join(dict.fromkeys(f.check for f in prediction.findings))
+    if prediction.cautions:  # answered, with the SR's caution: an unusual image
+        headers["X-OsteoScreen-Caution"] = ",".join(dict.fromkeys(f.check for f in prediction.cautions))
     if not with_images:
         return Response(prediction.dicom.sr, media_type="application/dicom", headers=headers)
     body, content_type = multipart_related([prediction.dicom.sr, *prediction.dicom.images])
@@ -158,10 +160,13 @@ async def predict(request: Request) -> Response:
 
 
 def _summary(p: Prediction) -> dict:
-    """The JSON answer; `out_of_intended_use` only under the `flag` policy: the checks this image failed."""
+    """The JSON answer; `out_of_intended_use` only under the `flag` policy: the checks this image failed;
+    `cautions` under either, for an unusual image (the content check's borderline band)."""
     body = {"probability": p.probability, "label": p.label, "threshold": p.threshold, "model": f"{p.model}:{p.version}"}
     if p.findings:
         body["out_of_intended_use"] = [asdict(f) for f in p.findings]
+    if p.cautions:
+        body["cautions"] = [asdict(f) for f in p.cautions]
     return body
 
 

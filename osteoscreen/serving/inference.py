@@ -36,7 +36,7 @@ from osteoscreen.intended_use.header import decoded_findings
 from osteoscreen.intended_use.policy import Policy, enforce
 from osteoscreen.intended_use.rules import IntendedUse
 from osteoscreen.resources import cpu_budget
-from osteoscreen.results import assemble
+from osteoscreen.results import assemble, content_band_of
 from osteoscreen.types import Finding, InferFn, ModelInfo, Prediction
 
 log = logging.getLogger("osteoscreen.inference")
@@ -161,6 +161,8 @@ class InferencePath:
         scores = out[:, CONTENT_SCORE] if out.shape[1] > CONTENT_SCORE else np.full(len(out), np.nan)
         predictions = [assemble(p, score, found, info, rules)
                        for p, score, found in zip(out[:, PROBABILITY].tolist(), scores.tolist(), headers)]
+        for p in predictions:
+            metrics.CONTENT_CHECK.labels(band=content_band_of(p)).inc()
         self._apply([list(p.findings) for p in predictions])
         for p in predictions:
             metrics.PREDICTIONS.labels(label=p.label).inc()

@@ -82,6 +82,13 @@ OUT_OF_INTENDED_USE = bentoml.metrics.Counter(
                   "view, patient_age, content) and what was done (refused, flagged).",
     labelnames=["check", "action"],
 )
+CONTENT_CHECK = bentoml.metrics.Counter(
+    name="osteoscreen_content_check_total",
+    documentation="Images the content check scored, by band: typical (answered), unusual (answered with the caution "
+                  "'unusual image: check the view and the exposure'), outside (refused, or flagged under the flag "
+                  "policy). The intended-use alert counts refusals only, never the unusual band.",
+    labelnames=["band"],
+)
 EXPLANATIONS = bentoml.metrics.Counter(
     name="osteoscreen_explanations_total",
     documentation="Explanation requests by protocol (http, grpc) and outcome (ok, invalid_input, intended_use, "

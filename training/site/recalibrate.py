@@ -6,7 +6,8 @@ and a held-out part that reports before (the parent) and after (the new version)
 trusted on images it was not fitted on. The forest is wrapped in scikit-learn's FrozenEstimator, so fitting
 the calibrator cannot refit it; its hash and the extractor file's are recorded and checked after
 registration. Sigmoid (Platt) calibration by default: two parameters, what a few hundred site images
-support; isotonic needs more.
+support; isotonic needs more. The threshold is chosen with a margin (`training.site.threshold`): sensitivity
+reaches the target with a stated probability, not just on the fitting images.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from sklearn.model_selection import StratifiedGroupKFold
 from osteoscreen.errors import DataError
 
 from training import dataset
-from training.fit import DEFAULT_MIN_SENSITIVITY, choose_threshold
-from training.site import calibration, cohort as cohorts, intended, lineage, report
+from training.fit import DEFAULT_MIN_SENSITIVITY
+from training.site import calibration, cohort as cohorts, intended, lineage, report, threshold as thresholds
 from training.site.evaluate import scores
 
 METHODS = ("sigmoid", "isotonic")
@@ -52,7 +53,8 @@ def recalibrated(classifier, X: np.ndarray, y: np.ndarray, method: str = "sigmoi
 
 
 def run(data_dir: Path, model_tag: str, reports: Path = Path("reports"), holdout: float = 0.5,
-        method: str = "sigmoid", seed: int = 0, skip_unreadable: bool = False, force: bool = False) -> str:
+        method: str = "sigmoid", seed: int = 0, skip_unreadable: bool = False, force: bool = False,
+        confidence: float = thresholds.DEFAULT_CONFIDENCE) -> str:
     """Images outside the parent's intended use are left out, as `evaluate` and serving leave them out
     (`force` keeps them: research use); the record says how many and why."""
     from osteoscreen.model import bundle
@@ -74,7 +76,12 @@ def run(data_dir: Path, model_tag: str, reports: Path = Path("reports"), holdout
     target = float(parent.metadata.get("metrics", {}).get("min_sensitivity") or DEFAULT_MIN_SENSITIVITY)
 
     model = recalibrated(parent.classifier, X[fit_idx], y[fit_idx], method)
-    threshold = choose_threshold(y[fit_idx], model.predict_proba(X[fit_idx])[:, 1], target)
+    choice = thresholds.choose(y[fit_idx], model.predict_proba(X[fit_idx])[:, 1], target, confidence)
+    threshold = choice.threshold
+    if not choice.met:
+        print(f"warning: {choice.positives} fitting positives cannot show sensitivity >= {target:g} at "
+              f"{confidence:.0%} confidence (the bound reached {choice.lower_bound:.3f} with every one caught); "
+              "recalibrate on more osteoporosis images", file=sys.stderr)
     if lineage.forest_sha256(model) != parent_hashes["forest_sha256"]:
         raise lineage.LineageError("the forest changed while fitting the calibrator")  # FrozenEstimator forbids it
 
@@ -98,6 +105,7 @@ def run(data_dir: Path, model_tag: str, reports: Path = Path("reports"), holdout
                           "holdout": dataset.class_balance(cohort.samples, held_idx)},
         "skipped": cohort.skipped,
         "min_sensitivity": target,
+        "threshold_choice": choice.record(),
         **parent_hashes,
         "before": {**scores(y[held_idx], p_before, parent.threshold, patients[held_idx], seed),
                    "calibration": calibration.summary(y[held_idx], p_before)},
@@ -123,6 +131,8 @@ def run(data_dir: Path, model_tag: str, reports: Path = Path("reports"), holdout
     b, a = record["before"]["calibration"], record["after"]["calibration"]
     print(f"held-out ({len(held_idx)} images): ECE {b['ece']:.3f} -> {a['ece']:.3f}, Brier {b['brier']:.3f} -> "
           f"{a['brier']:.3f}, slope {b['slope']:.2f} -> {a['slope']:.2f}, intercept {b['intercept']:.2f} -> "
-          f"{a['intercept']:.2f}; threshold {parent.threshold:.3f} -> {threshold:.3f}; reports in {reports}",
-          file=sys.stderr)
+          f"{a['intercept']:.2f}; threshold {parent.threshold:.3f} -> {threshold:.3f} (sensitivity >= {target:g} "
+          f"with {confidence:.0%} confidence: lower bound {choice.lower_bound:.3f} from {choice.caught} of "
+          f"{choice.positives} fitting positives; held-out sensitivity {record['after']['sensitivity']:.3f}); "
+          f"reports in {reports}", file=sys.stderr)
     return tag

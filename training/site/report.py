@@ -145,8 +145,8 @@ def recalibration_markdown(r: dict) -> str:
 
 Method: {r['method']}. Site data `{r['data_dir']}` (fingerprint `{r['data_fingerprint'][:16]}`), split by
 patient: {r['n_fit']} images fit the calibrator and the threshold (normal/osteoporosis {balance['fit']}),
-{r['n_holdout']} held-out images report below ({balance['holdout']}). The threshold keeps sensitivity >=
-{r['min_sensitivity']:.2f} on the fitting part. 95% intervals resample patients.
+{r['n_holdout']} held-out images report below ({balance['holdout']}). {_threshold_sentence(r)} 95% intervals
+resample patients.
 
 {before_after_rows(r)}
 
@@ -156,3 +156,16 @@ Extractor sha256 `{r['extractor_sha256'][:16]}` and forest sha256 `{r['forest_sh
 recomputed from the store after registration. Serve it with `OSTEOSCREEN_MODEL_TAG={r['model']}` (it is also
 the newest version, so `osteoscreen:latest`).
 """
+
+
+def _threshold_sentence(r: dict) -> str:
+    """How the threshold was chosen, and what it promises (records from before the margin: the plain rule)."""
+    c = r.get("threshold_choice")
+    if not c:
+        return f"The threshold keeps sensitivity >= {r['min_sensitivity']:.2f} on the fitting part."
+    promise = (f"so sensitivity is >= {c['target']:g} with probability {c['confidence']:.0%}" if c["met"] else
+               f"which {c['positives']} fitting positives cannot reach: every one is caught, and the bound is only "
+               f"{c['lower_bound']:.3f}; fit on more osteoporosis images")
+    return (f"The threshold {c['threshold']:.3f} catches {c['caught']} of the {c['positives']} fitting positives "
+            f"(sensitivity {c['sensitivity']:.3f}); their one-sided {c['confidence']:.0%} Clopper-Pearson lower bound "
+            f"is {c['lower_bound']:.3f}, {promise}. Held-out sensitivity: {r['after']['sensitivity']:.3f}.")

@@ -62,6 +62,7 @@ def to_response(prediction: Prediction, request_id: str) -> pb.PredictResponse:
         outside_intended_use=bool(prediction.findings),
         intended_use_findings=[pb.IntendedUseFinding(check=f.check, value=f.value, reason=f.reason)
                                for f in prediction.findings],
+        cautions=[pb.IntendedUseFinding(check=f.check, value=f.value, reason=f.reason) for f in prediction.cautions],
         dicom_sr=dicom.sr if dicom else b"",
         dicom_images=list(dicom.images) if dicom else [],
         dicom_sr_sop_instance_uid=dicom.sr_sop_instance_uid if dicom else "",

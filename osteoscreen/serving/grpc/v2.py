@@ -36,6 +36,7 @@ SERVER_NAME = "osteoscreen"
 MODEL_NAME = "osteoporosis"
 INPUT_NAME = "image"
 FINDINGS_PARAMETER = "out_of_intended_use"
+CAUTIONS_PARAMETER = "cautions"  # unusual images, answered (JSON list, with each image's index)
 OUTPUTS = {"probability": "FP32", "label": "BYTES"}
 # DICOM results, on request only: parameter `dicom_results` (bool) or naming the output; one SR file per image.
 DICOM_PARAMETER = "dicom_results"
@@ -133,6 +134,10 @@ def build_response(
                for i, p in enumerate(predictions) for f in p.findings]
     if flagged:
         response.parameters[FINDINGS_PARAMETER].string_param = json.dumps(flagged)
+    cautioned = [{"index": i, "check": f.check, "value": f.value, "reason": f.reason}
+                 for i, p in enumerate(predictions) for f in p.cautions]
+    if cautioned:
+        response.parameters[CAUTIONS_PARAMETER].string_param = json.dumps(cautioned)
     for name in outputs:
         tensor = response.outputs.add(name=name, datatype=OUTPUTS.get(name, "BYTES"), shape=[len(predictions)])
         data = values[name]
