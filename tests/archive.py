@@ -48,7 +48,8 @@ def phantom_pixels(png: Path) -> np.ndarray:
     return np.round(arr[::2, ::2] * 65535).astype(np.uint16)
 
 
-def build(root: Path, phantom_pngs: list[Path], patients: int = 4, studies: int = 2) -> list[Film]:
+def build(root: Path, phantom_pngs: list[Path], patients: int = 4, studies: int = 2,
+          prefix: str = "PAT") -> list[Film]:
     """`patients` x `studies` lumbar films (one per study) from `phantom_pngs` under root/lumbar/, plus the
     excluded and corrupt instances under root/other/. Returns the lumbar films."""
     films = []
@@ -57,7 +58,7 @@ def build(root: Path, phantom_pngs: list[Path], patients: int = 4, studies: int 
     pngs = iter(phantom_pngs)
     for p in range(patients):
         for s in range(studies):
-            film = Film(f"PAT{p:03d}", generate_uid(), date(2020, 1, 1) + timedelta(days=100 * s + p),
+            film = Film(f"{prefix}{p:03d}", generate_uid(), date(2020, 1, 1) + timedelta(days=100 * s + p),
                         "")
             data = lumbar(phantom_pixels(next(pngs)), film.patient_id, film.study_uid, film.study_date)
             film = Film(film.patient_id, film.study_uid, film.study_date,
@@ -66,7 +67,7 @@ def build(root: Path, phantom_pngs: list[Path], patients: int = 4, studies: int 
             films.append(film)
     for name in OTHERS:
         (root / "other" / name).write_bytes(testdata(name))
-    whole = lumbar(phantom_pixels(next(pngs)), "PATBAD", generate_uid(), date(2020, 6, 1))
+    whole = lumbar(phantom_pixels(next(pngs)), f"{prefix}BAD", generate_uid(), date(2020, 6, 1))
     (root / "other" / "corrupt.dcm").write_bytes(whole[: len(whole) * 3 // 5])  # header intact, pixels cut short
     return films
 
