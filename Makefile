@@ -20,7 +20,7 @@ export BENTOML_DO_NOT_TRACK ?= True
 $(STAMP): pyproject.toml $(wildcard protos/*/*.proto protos/*/*/*.proto)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check 'uv>=0.5'
-	$(BIN)/uv pip install --quiet --python $(BIN)/python $(UV_LINKS) -e '.[weights,loadtest,test,dev]'
+	$(BIN)/uv pip install --quiet --python $(BIN)/python $(UV_LINKS) -e '.[weights,screen,loadtest,test,dev]'
 	$(BIN)/python -m osteoscreen.codegen
 	touch $(STAMP)
 

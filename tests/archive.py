@@ -14,7 +14,7 @@ import pydicom
 from PIL import Image
 from pydicom.uid import generate_uid
 
-from tests.inputs import real_radiograph, testdata
+from tests.inputs import real_radiograph, testdata  # noqa: F401 - testdata: for the tests using the archive
 
 
 @dataclass(frozen=True)

@@ -165,3 +165,67 @@ def test_killed_job_resumes_and_a_killed_model_worker_is_retried_every_instance_
     assert (rows["status"] == "screened").all()
     srs = pacs_srs(orthanc, "KPAT")
     assert len(srs) == len(set(srs)) == len(films)
+
+
+class CountingProxy:
+    """An HTTP proxy in front of Orthanc's DICOMweb that records every request's path (the archive's access log)."""
+
+    def __init__(self, target: str) -> None:
+        import http.server
+        import threading
+
+        self.paths: list[str] = []
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - the http.server name
+                proxy.paths.append(self.path)
+                answer = requests.get(target + self.path, headers={"Accept": self.headers.get("Accept", "*/*")},
+                                      timeout=60)
+                self.send_response(answer.status_code)
+                self.send_header("Content-Type", answer.headers.get("Content-Type", "application/octet-stream"))
+                self.send_header("Content-Length", str(len(answer.content)))
+                self.end_headers()
+                self.wfile.write(answer.content)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def retrieves(self) -> list[str]:
+        """The WADO-RS retrieves of an instance (not its metadata, not a search)."""
+        return [p for p in self.paths if "/instances/" in p and not p.endswith("/metadata")]
+
+
+def test_a_dicomweb_archive_is_searched_and_only_instances_the_header_checks_keep_are_retrieved(
+        phantom_pngs, orthanc, registered_model, tmp_path):
+    from tests.inputs import retagged
+
+    films = archive.build(tmp_path / "archive", phantom_pngs[60:], patients=2, studies=2, prefix="WPAT")
+    chest = retagged("RG1_J2KR", PatientID="WCHEST", StudyDate="20200301", StudyInstanceUID=pydicom.uid.generate_uid(),
+                     SeriesInstanceUID=pydicom.uid.generate_uid(), SOPInstanceUID=pydicom.uid.generate_uid())
+    late = archive.lumbar(archive.phantom_pixels(phantom_pngs[70]), "WLATE", pydicom.uid.generate_uid(),
+                          archive.date(2023, 1, 1))
+    for path in sorted((tmp_path / "archive/lumbar").iterdir()):
+        orthanc.store(path.read_bytes())
+    for data in (chest, late, *(archive.testdata(n) for n in archive.OTHERS if n != "RG1_J2KR.dcm")):
+        orthanc.store(data)
+    proxy = CountingProxy(orthanc.url)
+    out = tmp_path / "out"
+    run = subprocess.run(screen_command(f"dicomweb+{proxy.url}/dicom-web", out, "--since", "2020-01-01",
+                                        "--until", "2020-12-31", "--max-requests-per-s", "50", "--concurrency", "2",
+                                        "--results-to", f"dicom://ORTHANC@127.0.0.1:{orthanc.dicom_port}"),
+                         env=registered_model["env"], capture_output=True, text=True, timeout=400)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = results_of(out).set_index("patient_id")
+    assert set(rows.index) == {f.patient_id for f in films} | {"WCHEST"}  # the MR, US and 2023 film: not found
+    assert (rows.loc[[f.patient_id for f in films], "status"] == "screened").all()
+    assert rows.loc["WCHEST", "status"] == "excluded"
+    retrieved = proxy.retrieves()
+    assert sorted(p.rsplit("/", 1)[1] for p in retrieved) == sorted(f.sop_uid for f in films)  # the chest: never
+    assert any(p.startswith("/dicom-web/instances?") for p in proxy.paths)
+    assert len(pacs_srs(orthanc, "WPAT")) == len(films)
+    proxy.server.shutdown()

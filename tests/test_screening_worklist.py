@@ -101,3 +101,19 @@ def test_the_report_renders_in_a_real_browser_with_the_ranked_rows(tmp_path):
         assert img.size == (1000, 900)
         colours = img.convert("RGB").getcolors(maxcolors=1 << 20)
     assert colours is not None and len(colours) > 50  # text, table and the histogram, not a blank page
+
+
+def test_the_archive_rate_limit_spaces_requests_and_multipart_answers_are_split():
+    import time
+
+    from osteoscreen.screening import dicomweb
+
+    bucket = dicomweb.RateLimit(20.0)
+    start = time.monotonic()
+    for _ in range(6):
+        bucket.wait()
+    assert time.monotonic() - start >= 5 / 20.0  # the first goes at once, then one every 50 ms
+    body = b"--b1\r\nContent-Type: application/dicom\r\n\r\nFIRST\r\n--b1\r\nContent-Type: application/dicom\r\n\r\n" \
+           b"SECOND\r\n--b1--\r\n"
+    assert dicomweb.multipart(body, 'multipart/related; type="application/dicom"; boundary=b1') == [b"FIRST", b"SECOND"]
+    assert dicomweb.multipart(body, "application/dicom") == []

@@ -126,11 +126,16 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def _cmd_screen(args: argparse.Namespace) -> int:
     from osteoscreen.screening.pipeline import Job, run
 
-    counts = run(Job(args.source, Path(args.out), model_tag=args.model, results_to=args.results_to,
-                     ray_address=args.ray_address, since=args.since, until=args.until, precision=args.precision,
-                     actors=args.actors, cpus_per_actor=args.cpus_per_actor, gpus_per_actor=args.gpus_per_actor,
-                     batch_size=args.batch_size))
-    print(json.dumps(counts))
+    job = Job(args.source, Path(args.out), model_tag=args.model, results_to=args.results_to,
+              ray_address=args.ray_address, since=args.since, until=args.until, precision=args.precision,
+              actors=args.actors, cpus_per_actor=args.cpus_per_actor, gpus_per_actor=args.gpus_per_actor,
+              batch_size=args.batch_size, max_requests_per_s=args.max_requests_per_s, concurrency=args.concurrency)
+    if args.bench:
+        from osteoscreen.screening.bench import run_bench
+
+        print(run_bench(job))
+        return 0
+    print(json.dumps(run(job)))
     return 0
 
 
@@ -254,7 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("screen", help="screen an archive on Ray into DIR: results (Parquet), summary, referral list")
-    p.add_argument("source", help="a folder (recursive: DICOM, PNG, JPEG) or a CSV/Parquet manifest with `path`")
+    p.add_argument("source", help="a folder (recursive: DICOM, PNG, JPEG), a CSV/Parquet manifest with `path`, or a "
+                                  "DICOMweb archive dicomweb+http(s)://host/path (QIDO-RS, then WADO-RS)")
     p.add_argument("--out", required=True, help="results folder, created mode 0700 (it holds patient identifiers); "
                                                 "a rerun into it resumes")
     p.add_argument("--model", default=None, help="model tag (default: the latest registered, pinned for the run)")
@@ -267,6 +273,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpus-per-actor", type=float, default=1.0)
     p.add_argument("--gpus-per-actor", type=float, default=0.0)
     p.add_argument("--batch-size", type=int, default=None, help="model batch (default: $OSTEOSCREEN_MAX_BATCH)")
+    p.add_argument("--max-requests-per-s", type=float, default=None,
+                   help="DICOMweb: requests per second to the archive, for the whole job (default: no limit)")
+    p.add_argument("--concurrency", type=int, default=4, help="DICOMweb: retrieves in flight at most")
+    p.add_argument("--bench", action="store_true",
+                   help="also measure: pipeline images/s against raw model images/s in this run, as JSON (new --out)")
     p.add_argument("--precision", choices=PRECISION_CHOICES, default=None, help=PRECISION_HELP)
     p.set_defaults(func=_cmd_screen)
 

@@ -1,6 +1,7 @@
 """The header stage: what can be known of an input before its pixels are read.
 
-For DICOM, the header alone (pydicom's `stop_before_pixels`: only the bytes before the pixel data are read),
+For a DICOMweb instance, the attributes its QIDO-RS search answered (nothing is retrieved). For a DICOM file,
+the header alone (pydicom's `stop_before_pixels`: only the bytes before the pixel data are read),
 which gives the instance's id and identifiers and feeds the intended-use header checks: an instance they
 exclude is never decoded. A PNG or JPEG has no header; its id is the sha256 of its bytes, so a renamed copy
 is still the same input. A file that cannot be read becomes a failed row here, with its error.
@@ -28,20 +29,24 @@ def inspect(row: dict, rules: IntendedUse) -> dict:
     out = {"source": source, "patient_id": row.get("patient_id"), "study_instance_uid": row.get("study_instance_uid"),
            "series_instance_uid": None, "study_date": parse_date(row.get("study_date")), "status": PENDING,
            "reason": None, "findings": []}
-    try:
-        with open_input(source) as fh:
-            head = fh.read(_PREAMBLE)
-            if detect_format(head) != "dicom":
-                return {**out, "id": _sha256(head, fh)}
-            fh.seek(0)
-            try:
-                ds = pydicom.dcmread(fh, stop_before_pixels=True)
-            except Exception:  # noqa: BLE001 - any parse failure is this input's error, never the job's
+    if row.get("qido"):  # a DICOMweb search result: the attributes the archive answered, nothing fetched
+        ds = pydicom.Dataset.from_json(row["qido"])
+    else:
+        try:
+            with open_input(source) as fh:
+                head = fh.read(_PREAMBLE)
+                if detect_format(head) != "dicom":
+                    return {**out, "id": _sha256(head, fh)}
                 fh.seek(0)
-                return {**out, "id": _sha256(b"", fh), "status": FAILED, "reason": "the DICOM header cannot be read"}
-    except OSError as exc:
-        return {**out, "id": "source-sha256:" + hashlib.sha256(source.encode()).hexdigest(), "status": FAILED,
-                "reason": f"cannot read the input: {exc.strerror or type(exc).__name__}"}
+                try:
+                    ds = pydicom.dcmread(fh, stop_before_pixels=True)
+                except Exception:  # noqa: BLE001 - any parse failure is this input's error, never the job's
+                    fh.seek(0)
+                    return {**out, "id": _sha256(b"", fh), "status": FAILED,
+                            "reason": "the DICOM header cannot be read"}
+        except OSError as exc:
+            return {**out, "id": "source-sha256:" + hashlib.sha256(source.encode()).hexdigest(), "status": FAILED,
+                    "reason": f"cannot read the input: {exc.strerror or type(exc).__name__}"}
     out.update(id=_text(ds, "SOPInstanceUID") or None, patient_id=_text(ds, "PatientID") or out["patient_id"],
                study_instance_uid=_text(ds, "StudyInstanceUID") or None,
                series_instance_uid=_text(ds, "SeriesInstanceUID") or None,

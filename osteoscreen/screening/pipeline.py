@@ -17,7 +17,7 @@ from pathlib import Path
 from osteoscreen import settings
 from osteoscreen.dicom_results.identity import Algorithm
 from osteoscreen.intended_use.rules import IntendedUse
-from osteoscreen.screening import resume, sources, worklist
+from osteoscreen.screening import dicomweb, resume, sources, worklist
 from osteoscreen.screening.actor import Screener
 from osteoscreen.screening.inspect import in_range, inspect
 from osteoscreen.screening.prepare import prepare
@@ -42,6 +42,8 @@ class Job:
     cpus_per_actor: float = 1.0
     gpus_per_actor: float = 0.0
     batch_size: int | None = None  # default: the serving batcher's largest batch (OSTEOSCREEN_MAX_BATCH)
+    max_requests_per_s: float | None = None  # DICOMweb: the archive's limit, for the whole job
+    concurrency: int = 4  # DICOMweb: retrieving tasks at most
 
 
 def run(job: Job) -> dict:
@@ -52,7 +54,12 @@ def run(job: Job) -> dict:
     tag, card = card_of(job.model_tag)  # pinned: every actor loads this version, whatever `latest` becomes
     rules = IntendedUse.from_dict(card.get("intended_use"))
     done = resume.done_sources(out / "results")
-    todo = [row for row in sources.list_inputs(job.source) if row["source"] not in done]
+    if dicomweb.is_dicomweb(job.source):
+        found = dicomweb.search(job.source, rules.modalities, job.since, job.until, job.max_requests_per_s)
+        inputs = [{**row, **dict.fromkeys(sources.CARRIED)} for row in found]
+    else:
+        inputs = sources.list_inputs(job.source)
+    todo = [row for row in inputs if row["source"] not in done]
     if todo:
         name, _, version = tag.partition(":")
         algorithm = Algorithm.of(ModelInfo(name, version, card["backbone"], float(card["threshold"]),
@@ -85,7 +92,11 @@ def _screen(job: Job, todo: list[dict], tag: str, rules: IntendedUse, algorithm:
         ds = ds.filter(in_range, fn_kwargs={"since": job.since, "until": job.until})
         # decoding in CPU tasks of their own: a different CPU request than the actor's keeps Ray from fusing
         # them into the actor, where decoding would wait on the model and the model on decoding
-        ds = ds.map(prepare, num_cpus=DECODE_CPUS)
+        if dicomweb.is_dicomweb(job.source):  # the archive sets the pace: `concurrency` retrievers share its limit
+            rate = job.max_requests_per_s / job.concurrency if job.max_requests_per_s else None
+            ds = ds.map(prepare, fn_kwargs={"rate": rate}, num_cpus=DECODE_CPUS, concurrency=job.concurrency)
+        else:
+            ds = ds.map(prepare, num_cpus=DECODE_CPUS)
         gpus = {"num_gpus": job.gpus_per_actor} if job.gpus_per_actor else {}
         ds = ds.map_batches(Screener, fn_constructor_kwargs={"tag": tag, "precision": job.precision},
                             batch_size=batch, batch_format="pandas", concurrency=(1, max(1, job.actors)),
@@ -95,7 +106,8 @@ def _screen(job: Job, todo: list[dict], tag: str, rules: IntendedUse, algorithm:
 
             ds = ds.map_batches(StoreBack, fn_constructor_kwargs={
                 "destination": settings.destination(job.results_to), "ae_title": settings.current().dicom_ae_title,
-                "algorithm": algorithm}, batch_format="pyarrow", concurrency=1, num_cpus=0.5)
+                "algorithm": algorithm, "rate": job.max_requests_per_s}, batch_format="pyarrow", concurrency=1,
+                num_cpus=0.5)
         ds.write_parquet(str(results))
     finally:
         if started_here:

@@ -33,7 +33,7 @@ def list_inputs(source: str) -> list[dict]:
         root = Path(source)
         paths = sorted(str(p) for p in root.rglob("*")
                        if p.is_file() and p.suffix.lower() in EXTENSIONS and not p.name.startswith("."))
-        return [{"source": p, **dict.fromkeys(CARRIED)} for p in paths]
+        return [{"source": p, "qido": None, **dict.fromkeys(CARRIED)} for p in paths]
     suffix = Path(source.split("?", 1)[0]).suffix.lower()
     if suffix in MANIFEST_EXTENSIONS:
         return _manifest(source, suffix)
@@ -61,7 +61,7 @@ def _manifest(source: str, suffix: str) -> list[dict]:
             continue
         if base and not is_url(path) and not Path(path).is_absolute():
             path = str(Path(base) / path)
-        rows.append({"source": path, **{c: (str(row[c]) if row.get(c) not in (None, "") else None)
+        rows.append({"source": path, "qido": None, **{c: (str(row[c]) if row.get(c) not in (None, "") else None)
                                         for c in CARRIED}})
     return rows
 

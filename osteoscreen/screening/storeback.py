@@ -17,6 +17,7 @@ import pydicom
 
 from osteoscreen.dicom_results import sr
 from osteoscreen.dicom_results.identity import Algorithm
+from osteoscreen.screening import dicomweb
 from osteoscreen.screening.actor import as_results
 from osteoscreen.screening.schema import FAILED, SCREENED
 from osteoscreen.screening.sources import open_input
@@ -28,9 +29,10 @@ ATTEMPTS = 3  # a PACS restarting between two stores costs a retry, not a row
 
 
 class StoreBack:
-    def __init__(self, destination: Destination, ae_title: str, algorithm: Algorithm) -> None:
+    def __init__(self, destination: Destination, ae_title: str, algorithm: Algorithm,
+                 rate: float | None = None) -> None:
         self.destination = DicomDestination(destination, ae_title)
-        self.algorithm = algorithm
+        self.algorithm, self.rate = algorithm, rate  # rate: a DICOMweb source's request limit, for the metadata
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         frame = batch.to_pandas(date_as_object=True)
@@ -46,8 +48,11 @@ class StoreBack:
 
     def _store(self, row: pd.Series) -> str | None:
         try:
-            with open_input(row["source"]) as fh:
-                header = pydicom.dcmread(fh, stop_before_pixels=True)
+            if dicomweb.is_dicomweb(row["source"]):
+                header = dicomweb.metadata(row["source"], self.rate)
+            else:
+                with open_input(row["source"]) as fh:
+                    header = pydicom.dcmread(fh, stop_before_pixels=True)
             name, _, version = str(row["model"]).partition(":")
             prediction = Prediction(float(row["probability"]), str(row["label"]), float(row["threshold"]), name,
                                     version)
