@@ -33,6 +33,7 @@ def lumbar(pixels: np.ndarray, patient_id: str, study_uid: str, study_date: date
     ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, generate_uid()
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
     ds.StudyDate = study_date.strftime("%Y%m%d")
+    ds.PatientBirthDate = f"{study_date.year - int(age[:3]):04d}0101"  # RG3's own birth date makes them 41
     del ds.WindowCenter, ds.WindowWidth  # RG3's window is for its own 12-bit pixels
     ds.set_pixel_data(pixels, photometric_interpretation="MONOCHROME2", bits_stored=16)
     buffer = io.BytesIO()

@@ -53,29 +53,43 @@ def limit(rate: float | None) -> RateLimit:
 
 def search(source: str, modalities: tuple[str, ...], since: date | None, until: date | None,
            rate: float | None = None) -> Iterator[dict]:
-    """One input row per instance QIDO-RS finds: its WADO-RS URL as `source` and its attributes (DICOM JSON)."""
-    import requests
+    """One input row per instance QIDO-RS finds: its WADO-RS URL as `source` and its attributes (DICOM JSON).
 
+    Series first, then their instances: archives keep body part (a series attribute) at the series level (Orthanc
+    answers it there, not for instances), and each instance's attributes are merged over its series'."""
     base = source.removeprefix("dicomweb+").rstrip("/")
-    params: dict = {"includefield": ",".join(QIDO_FIELDS), "limit": PAGE}
+    params: dict = {"includefield": ",".join(QIDO_FIELDS)}
     if since or until:
         params["StudyDate"] = f"{since.strftime('%Y%m%d') if since else ''}-{until.strftime('%Y%m%d') if until else ''}"
     for modality in modalities:
-        offset = 0
-        while True:
-            limit(rate).wait()
-            answer = requests.get(f"{base}/instances", params={**params, "Modality": modality, "offset": offset},
-                                  headers={"Accept": "application/dicom+json"}, timeout=TIMEOUT)
-            answer.raise_for_status()
-            found = answer.json() if answer.content else []
-            for item in found:
-                uid = {k: item.get(t, {}).get("Value", [""])[0] for k, t in
-                       (("study", "0020000D"), ("series", "0020000E"), ("sop", "00080018"))}
-                yield {"source": f"{source.rstrip('/')}/studies/{uid['study']}/series/{uid['series']}"
-                                 f"/instances/{uid['sop']}", "qido": json.dumps(item)}
-            if len(found) < PAGE:
-                break
-            offset += len(found)
+        for series in _pages(f"{base}/series", {**params, "Modality": modality}, rate):
+            study_uid, series_uid = _value(series, "0020000D"), _value(series, "0020000E")
+            url = f"{base}/studies/{study_uid}/series/{series_uid}/instances"
+            for instance in _pages(url, params, rate):
+                merged = {**series, **instance}
+                yield {"source": f"{source.rstrip('/')}/studies/{study_uid}/series/{series_uid}/instances/"
+                                 f"{_value(merged, '00080018')}", "qido": json.dumps(merged)}
+
+
+def _pages(url: str, params: dict, rate: float | None) -> Iterator[dict]:
+    import requests
+
+    offset = 0
+    while True:
+        limit(rate).wait()
+        answer = requests.get(url, params={**params, "limit": PAGE, "offset": offset},
+                              headers={"Accept": "application/dicom+json"}, timeout=TIMEOUT)
+        answer.raise_for_status()
+        found = answer.json() if answer.content else []
+        yield from found
+        if len(found) < PAGE:
+            return
+        offset += len(found)
+
+
+def _value(item: dict, tag: str) -> str:
+    values = item.get(tag, {}).get("Value") or [""]
+    return str(values[0])
 
 
 def retrieve(url: str, rate: float | None = None) -> bytes:
