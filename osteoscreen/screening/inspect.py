@@ -1,6 +1,7 @@
 """The header stage: what can be known of an input before its pixels are read.
 
-For a DICOMweb instance, the attributes its QIDO-RS search answered (nothing is retrieved). For a DICOM file,
+For a DICOMweb instance, the attributes its QIDO-RS search answered, completed where they lack body part or
+view by its WADO-RS metadata (the header as JSON, no pixel data): nothing is retrieved. For a DICOM file,
 the header alone (pydicom's `stop_before_pixels`: only the bytes before the pixel data are read),
 which gives the instance's id and identifiers and feeds the intended-use header checks: an instance they
 exclude is never decoded. A PNG or JPEG has no header; its id is the sha256 of its bytes, so a renamed copy
@@ -17,20 +18,29 @@ import pydicom
 from osteoscreen.imaging.decode import detect_format
 from osteoscreen.intended_use.header import check_dataset
 from osteoscreen.intended_use.rules import IntendedUse
+from osteoscreen.screening import dicomweb
 from osteoscreen.screening.schema import EXCLUDED, FAILED, PENDING
 from osteoscreen.screening.sources import open_input
 
 _PREAMBLE = 132  # 128-byte preamble + "DICM"
+METADATA_WANTED = ("BodyPartExamined", "ViewPosition")  # asked of the metadata when a QIDO answer lacks them
 
 
-def inspect(row: dict, rules: IntendedUse) -> dict:
-    """One input's row with id, identifiers, study date and status (pending, excluded or failed)."""
+def inspect(row: dict, rules: IntendedUse, rate: float | None = None) -> dict:
+    """One input's row with id, identifiers, study date and status (pending, excluded or failed). `rate`: this
+    process's share of a DICOMweb archive's request limit."""
     source = row["source"]
     out = {"source": source, "patient_id": row.get("patient_id"), "study_instance_uid": row.get("study_instance_uid"),
            "series_instance_uid": None, "study_date": parse_date(row.get("study_date")), "status": PENDING,
            "reason": None, "findings": []}
-    if row.get("qido"):  # a DICOMweb search result: the attributes the archive answered, nothing fetched
+    if row.get("qido"):  # a DICOMweb search result: the attributes the archive answered, no pixels fetched
         ds = pydicom.Dataset.from_json(row["qido"])
+        if not all(k in ds for k in METADATA_WANTED):  # archives answer few attributes (Orthanc: neither)
+            try:
+                ds = dicomweb.metadata(source, rate)  # the header, without pixel data (WADO-RS metadata)
+            except Exception as exc:  # noqa: BLE001 - this instance's failure, on its row
+                return {**out, "id": _text(ds, "SOPInstanceUID"), "status": FAILED,
+                        "reason": f"the archive did not give the instance's metadata ({type(exc).__name__})"}
     else:
         try:
             with open_input(source) as fh:

@@ -88,15 +88,14 @@ def _screen(job: Job, todo: list[dict], tag: str, rules: IntendedUse, algorithm:
     try:
         batch = job.batch_size or settings.current().max_batch
         ds = ray.data.from_items(todo, override_num_blocks=max(1, min(MAX_BLOCKS, math.ceil(len(todo) / batch))))
-        ds = ds.map(inspect, fn_kwargs={"rules": rules})
+        archive = dicomweb.is_dicomweb(job.source)  # the archive sets the pace: `concurrency` tasks share its limit
+        rate = job.max_requests_per_s / job.concurrency if archive and job.max_requests_per_s else None
+        bounded = {"concurrency": job.concurrency} if archive else {}
+        ds = ds.map(inspect, fn_kwargs={"rules": rules, "rate": rate}, **bounded)
         ds = ds.filter(in_range, fn_kwargs={"since": job.since, "until": job.until})
         # decoding in CPU tasks of their own: a different CPU request than the actor's keeps Ray from fusing
         # them into the actor, where decoding would wait on the model and the model on decoding
-        if dicomweb.is_dicomweb(job.source):  # the archive sets the pace: `concurrency` retrievers share its limit
-            rate = job.max_requests_per_s / job.concurrency if job.max_requests_per_s else None
-            ds = ds.map(prepare, fn_kwargs={"rate": rate}, num_cpus=DECODE_CPUS, concurrency=job.concurrency)
-        else:
-            ds = ds.map(prepare, num_cpus=DECODE_CPUS)
+        ds = ds.map(prepare, fn_kwargs={"rate": rate}, num_cpus=DECODE_CPUS, **bounded)
         gpus = {"num_gpus": job.gpus_per_actor} if job.gpus_per_actor else {}
         ds = ds.map_batches(Screener, fn_constructor_kwargs={"tag": tag, "precision": job.precision},
                             batch_size=batch, batch_format="pandas", concurrency=(1, max(1, job.actors)),
