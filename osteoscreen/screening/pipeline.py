@@ -88,8 +88,11 @@ def _screen(job: Job, todo: list[dict], tag: str, rules: IntendedUse, algorithm:
     try:
         batch = job.batch_size or settings.current().max_batch
         ds = ray.data.from_items(todo, override_num_blocks=max(1, min(MAX_BLOCKS, math.ceil(len(todo) / batch))))
-        archive = dicomweb.is_dicomweb(job.source)  # the archive sets the pace: `concurrency` tasks share its limit
-        rate = job.max_requests_per_s / job.concurrency if archive and job.max_requests_per_s else None
+        # the archive sets the pace: at most `concurrency` tasks in each of the two stages that ask it (and the
+        # store-back's one actor) share its limit, a token bucket each
+        archive = dicomweb.is_dicomweb(job.source)
+        askers = 2 * job.concurrency + (1 if job.results_to else 0)
+        rate = job.max_requests_per_s / askers if archive and job.max_requests_per_s else None
         bounded = {"concurrency": job.concurrency} if archive else {}
         ds = ds.map(inspect, fn_kwargs={"rules": rules, "rate": rate}, **bounded)
         ds = ds.filter(in_range, fn_kwargs={"since": job.since, "until": job.until})
@@ -105,7 +108,7 @@ def _screen(job: Job, todo: list[dict], tag: str, rules: IntendedUse, algorithm:
 
             ds = ds.map_batches(StoreBack, fn_constructor_kwargs={
                 "destination": settings.destination(job.results_to), "ae_title": settings.current().dicom_ae_title,
-                "algorithm": algorithm, "rate": job.max_requests_per_s}, batch_format="pyarrow", concurrency=1,
+                "algorithm": algorithm, "rate": rate}, batch_format="pyarrow", concurrency=1,
                 num_cpus=0.5)
         ds.write_parquet(str(results))
     finally:
