@@ -20,9 +20,11 @@ from osteoscreen.types import INPUT_SIZE
 
 
 class Screener:
-    def __init__(self, tag: str, precision: str | None = None) -> None:
+    def __init__(self, tag: str, precision: str | None = None, cpus: float = 1.0) -> None:
         from osteoscreen.model import bundle
+        from osteoscreen.model.threads import limit_threads
 
+        limit_threads(threads_for(cpus))  # TensorFlow's pools sized to the actor's CPUs, as the model service's are
         self.bundle = bundle.load(tag, precision=precision)
         self.info, self.rules = self.bundle.info, self.bundle.intended_use
 
@@ -49,6 +51,10 @@ class Screener:
         batch["threshold"], batch["model"] = self.info.threshold, self.bundle.tag
         batch["precision"], batch["time"] = self.bundle.precision, datetime.now(timezone.utc)
         return as_results(batch)
+
+
+def threads_for(cpus: float) -> int:
+    return max(1, round(cpus))
 
 
 def as_results(frame: pd.DataFrame) -> pa.Table:

@@ -100,7 +100,8 @@ def _screen(job: Job, todo: list[dict], tag: str, rules: IntendedUse, algorithm:
         # them into the actor, where decoding would wait on the model and the model on decoding
         ds = ds.map(prepare, fn_kwargs={"rate": rate}, num_cpus=DECODE_CPUS, **bounded)
         gpus = {"num_gpus": job.gpus_per_actor} if job.gpus_per_actor else {}
-        ds = ds.map_batches(Screener, fn_constructor_kwargs={"tag": tag, "precision": job.precision},
+        ds = ds.map_batches(Screener, fn_constructor_kwargs={"tag": tag, "precision": job.precision,
+                                                                 "cpus": job.cpus_per_actor},
                             batch_size=batch, batch_format="pandas", concurrency=(1, max(1, job.actors)),
                             num_cpus=job.cpus_per_actor, **gpus)
         if job.results_to:
