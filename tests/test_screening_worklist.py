@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pyarrow as pa
 import pydicom
-import pytest
 from PIL import Image
 from pydicom.data import get_testdata_file
 
