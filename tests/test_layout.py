@@ -31,6 +31,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("osteoscreen.explain", "osteoscreen.dicom_results"),
     ("osteoscreen.model", "osteoscreen.client"),
     ("osteoscreen.serving", "training"),
+    ("osteoscreen.screening",),  # batch screening on Ray: the model in its actors, the node's store-back
     ("osteoscreen.cli", "service"),
 )
 # The front's processes must start without TensorFlow (the model service holds it and the GPU), so these never

@@ -8,7 +8,9 @@ do not pay TensorFlow's start-up cost.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from datetime import date
 from pathlib import Path
 
 from osteoscreen.model.precision import CHOICES as PRECISION_CHOICES
@@ -120,6 +122,29 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     print(bench.run_raw(backbone=args.backbone, model_tag=args.model, batch_sizes=args.batch_sizes,
                         precisions=args.precision))
     return 0
+
+
+def _cmd_screen(args: argparse.Namespace) -> int:
+    from osteoscreen.screening.pipeline import Job, run
+
+    job = Job(args.source, Path(args.out), model_tag=args.model, results_to=args.results_to,
+              ray_address=args.ray_address, since=args.since, until=args.until, precision=args.precision,
+              actors=args.actors, cpus_per_actor=args.cpus_per_actor, gpus_per_actor=args.gpus_per_actor,
+              batch_size=args.batch_size, max_requests_per_s=args.max_requests_per_s, concurrency=args.concurrency)
+    if args.bench:
+        from osteoscreen.screening.bench import run_bench
+
+        print(run_bench(job))
+        return 0
+    print(json.dumps(run(job)))
+    return 0
+
+
+def _date(text: str) -> date:
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a date (YYYY-MM-DD): {text!r}") from None
 
 
 def _cmd_model_exists(args: argparse.Namespace) -> int:
@@ -236,6 +261,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead: JPEG 2000 DICOMs decoded in full vs at reduced resolution (CPU ms, model-input "
                         "difference in grey levels), as JSON")
     p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("screen", help="screen an archive on Ray into DIR: results (Parquet), summary, referral list")
+    p.add_argument("source", help="a folder (recursive: DICOM, PNG, JPEG), a CSV/Parquet manifest with `path`, or a "
+                                  "DICOMweb archive dicomweb+http(s)://host/path (QIDO-RS, then WADO-RS)")
+    p.add_argument("--out", required=True, help="results folder, created mode 0700 (it holds patient identifiers); "
+                                                "a rerun into it resumes")
+    p.add_argument("--model", default=None, help="model tag (default: the latest registered, pinned for the run)")
+    p.add_argument("--results-to", default=None, metavar="dicom://AET@host:port",
+                   help="also store each screened DICOM instance's SR there (deterministic UIDs)")
+    p.add_argument("--ray-address", default=None, help="a Ray cluster (default: start a local Ray)")
+    p.add_argument("--since", type=_date, default=None, help="only studies on or after this date (YYYY-MM-DD)")
+    p.add_argument("--until", type=_date, default=None, help="only studies on or before this date (YYYY-MM-DD)")
+    p.add_argument("--actors", type=int, default=1, help="most model actors (the pool starts at one)")
+    p.add_argument("--cpus-per-actor", type=float, default=1.0)
+    p.add_argument("--gpus-per-actor", type=float, default=0.0)
+    p.add_argument("--batch-size", type=int, default=None, help="model batch (default: $OSTEOSCREEN_MAX_BATCH)")
+    p.add_argument("--max-requests-per-s", type=float, default=None,
+                   help="DICOMweb: requests per second to the archive, for the whole job (default: no limit)")
+    p.add_argument("--concurrency", type=int, default=4, help="DICOMweb: retrieves in flight at most")
+    p.add_argument("--bench", action="store_true",
+                   help="also measure: pipeline images/s against raw model images/s in this run, as JSON (new --out)")
+    p.add_argument("--precision", choices=PRECISION_CHOICES, default=None, help=PRECISION_HELP)
+    p.set_defaults(func=_cmd_screen)
 
     p = sub.add_parser("model-exists", help="exit 0 when a model is registered in the BentoML store")
     p.add_argument("--model", default=None)

@@ -166,6 +166,18 @@ def find_model(tag: str | None = None):
         return None
 
 
+def card_of(tag: str | None = None) -> tuple[str, dict]:
+    """(the full tag "name:version", the model card) of a registered model, without loading Keras: a batch job's
+    driver pins the version every worker loads (":latest" could move mid-run) and reads the threshold and the
+    intended use from it. Raises ModelNotFoundError as `load` does."""
+    model = find_model(tag)
+    if model is None:
+        raise ModelNotFoundError(
+            f"no registered model {tag or MODEL_NAME + ':latest'}; train one with `osteoscreen train --data DIR`"
+        )
+    return str(model.tag), json.loads(Path(model.path_of(_CARD_FILE)).read_text())
+
+
 def load(tag: str | None = None, precision: str | None = None) -> ModelBundle:
     """Load a registered bundle; raises ModelNotFoundError with a hint when none matches.
 

@@ -1,0 +1,117 @@
+"""`osteoscreen screen`: the Ray Data pipeline of `osteoscreen.screening`, from a SOURCE to DIR.
+
+Embedded by default: without `--ray-address` a local Ray starts on this machine. Its logical CPUs are declared
+as at least 4 (DESIGN.md): on 2 cores, a 1-CPU model actor next to 1-CPU read and decode tasks otherwise waits
+for resources forever, backpressured and silent. With an address (a KubeRay cluster's head, `ray://` or
+`auto`), the same pipeline runs there and the actor pool grows to `actors` as the autoscaler adds workers.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+
+from osteoscreen import settings
+from osteoscreen.dicom_results.identity import Algorithm
+from osteoscreen.intended_use.rules import IntendedUse
+from osteoscreen.screening import dicomweb, resume, sources, worklist
+from osteoscreen.screening.actor import Screener
+from osteoscreen.screening.inspect import in_range, inspect
+from osteoscreen.screening.prepare import prepare
+from osteoscreen.types import ModelInfo
+
+LOCAL_LOGICAL_CPUS = 4  # the least that keeps tasks and one model actor moving on 2 cores (DESIGN.md)
+DECODE_CPUS = 0.5
+MAX_BLOCKS = 10_000  # a block is the unit of a results file: small enough to lose little to a kill
+
+
+@dataclass(frozen=True)
+class Job:
+    source: str
+    out: Path
+    model_tag: str | None = None
+    results_to: str | None = None  # dicom://AET@host:port
+    ray_address: str | None = None
+    since: date | None = None
+    until: date | None = None
+    precision: str | None = None
+    actors: int = 1  # the actor pool's largest size (it starts at 1)
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0
+    batch_size: int | None = None  # default: the serving batcher's largest batch (OSTEOSCREEN_MAX_BATCH)
+    max_requests_per_s: float | None = None  # DICOMweb: the archive's limit, for the whole job
+    concurrency: int = 4  # DICOMweb: retrieving tasks at most
+
+
+def run(job: Job) -> dict:
+    """Screen every input of `job.source` not yet in `job.out`; returns the summary of the whole DIR."""
+    from osteoscreen.model.bundle import card_of, is_clinical
+
+    out = prepare_out(job.out)
+    tag, card = card_of(job.model_tag)  # pinned: every actor loads this version, whatever `latest` becomes
+    rules = IntendedUse.from_dict(card.get("intended_use"))
+    done = resume.done_sources(out / "results")
+    if dicomweb.is_dicomweb(job.source):
+        found = dicomweb.search(job.source, rules.modalities, job.since, job.until, job.max_requests_per_s)
+        inputs = [{**row, **dict.fromkeys(sources.CARRIED)} for row in found]
+    else:
+        inputs = sources.list_inputs(job.source)
+    todo = [row for row in inputs if row["source"] not in done]
+    if todo:
+        name, _, version = tag.partition(":")
+        algorithm = Algorithm.of(ModelInfo(name, version, card["backbone"], float(card["threshold"]),
+                                           clinical=is_clinical(card)))
+        _screen(job, todo, tag, rules, algorithm, out / "results")
+    return worklist.write(resume.read_results(out / "results"), out)
+
+
+def prepare_out(out: Path) -> Path:
+    """DIR, mode 0700: the results name patients (a referral list must), so only their owner reads them."""
+    out.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(out, 0o700)
+    return out
+
+
+def _screen(job: Job, todo: list[dict], tag: str, rules: IntendedUse, algorithm: Algorithm, results: Path) -> None:
+    import ray
+
+    started_here = not ray.is_initialized()
+    if started_here:
+        if job.ray_address:
+            ray.init(address=job.ray_address)
+        else:
+            ray.init(num_cpus=max(LOCAL_LOGICAL_CPUS, os.cpu_count() or 1), include_dashboard=False,
+                     object_store_memory=1 << 30)
+    try:
+        batch = job.batch_size or settings.current().max_batch
+        ds = ray.data.from_items(todo, override_num_blocks=max(1, min(MAX_BLOCKS, math.ceil(len(todo) / batch))))
+        # the archive sets the pace: at most `concurrency` tasks in each of the two stages that ask it (and the
+        # store-back's one actor) share its limit, a token bucket each
+        archive = dicomweb.is_dicomweb(job.source)
+        askers = 2 * job.concurrency + (1 if job.results_to else 0)
+        rate = job.max_requests_per_s / askers if archive and job.max_requests_per_s else None
+        bounded = {"concurrency": job.concurrency} if archive else {}
+        ds = ds.map(inspect, fn_kwargs={"rules": rules, "rate": rate}, **bounded)
+        ds = ds.filter(in_range, fn_kwargs={"since": job.since, "until": job.until})
+        # decoding in CPU tasks of their own: a different CPU request than the actor's keeps Ray from fusing
+        # them into the actor, where decoding would wait on the model and the model on decoding
+        ds = ds.map(prepare, fn_kwargs={"rate": rate}, num_cpus=DECODE_CPUS, **bounded)
+        gpus = {"num_gpus": job.gpus_per_actor} if job.gpus_per_actor else {}
+        ds = ds.map_batches(Screener, fn_constructor_kwargs={"tag": tag, "precision": job.precision,
+                                                                 "cpus": job.cpus_per_actor},
+                            batch_size=batch, batch_format="pandas", concurrency=(1, max(1, job.actors)),
+                            num_cpus=job.cpus_per_actor, **gpus)
+        if job.results_to:
+            from osteoscreen.screening.storeback import StoreBack
+
+            ds = ds.map_batches(StoreBack, fn_constructor_kwargs={
+                "destination": settings.destination(job.results_to), "ae_title": settings.current().dicom_ae_title,
+                "algorithm": algorithm, "rate": rate}, batch_format="pyarrow", concurrency=1,
+                num_cpus=0.5)
+        ds.write_parquet(str(results))
+    finally:
+        if started_here:
+            ray.shutdown()
