@@ -268,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="results folder, created mode 0700 (it holds patient identifiers); "
                                                 "a rerun into it resumes")
     p.add_argument("--model", default=None, help="model tag (default: the latest registered, pinned for the run)")
-    p.add_argument("--results-to", default=None, metavar="dicom://AET@host:port",
+    p.add_argument("--results-to", default=None, metavar="dicom://AET@host:port|https://host/path",
                    help="also store each screened DICOM instance's SR there (deterministic UIDs)")
     p.add_argument("--ray-address", default=None, help="a Ray cluster (default: start a local Ray)")
     p.add_argument("--since", type=_date, default=None, help="only studies on or after this date (YYYY-MM-DD)")

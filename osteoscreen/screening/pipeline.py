@@ -33,7 +33,7 @@ class Job:
     source: str
     out: Path
     model_tag: str | None = None
-    results_to: str | None = None  # dicom://AET@host:port
+    results_to: str | None = None  # dicom://AET@host:port or a DICOMweb root http(s)://host/path
     ray_address: str | None = None
     since: date | None = None
     until: date | None = None

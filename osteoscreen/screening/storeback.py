@@ -1,4 +1,4 @@
-"""Store-back (`--results-to dicom://AET@host:port`): the SR of every screened DICOM instance, built and sent as
+"""Store-back (`--results-to dicom://AET@host:port`, or a DICOMweb root `https://host/path`): the SR of every screened DICOM instance, built and sent as
 the DICOM node sends its own (`dicom_results.sr`, `serving.dicom.scu`).
 
 The SR's UIDs derive from the source's SOP Instance UID and the model version (`dicom_results.identity`), so an
@@ -21,7 +21,7 @@ from osteoscreen.screening import dicomweb
 from osteoscreen.screening.actor import as_results
 from osteoscreen.screening.schema import FAILED, SCREENED
 from osteoscreen.screening.sources import open_input
-from osteoscreen.serving.dicom.scu import DicomDestination, StoreError
+from osteoscreen.serving.dicom.scu import StoreError, open_destination
 from osteoscreen.settings import Destination
 from osteoscreen.types import Prediction
 
@@ -31,7 +31,7 @@ ATTEMPTS = 3  # a PACS restarting between two stores costs a retry, not a row
 class StoreBack:
     def __init__(self, destination: Destination, ae_title: str, algorithm: Algorithm,
                  rate: float | None = None) -> None:
-        self.destination = DicomDestination(destination, ae_title)
+        self.destination = open_destination(destination, ae_title)
         self.algorithm, self.rate = algorithm, rate  # rate: a DICOMweb source's request limit, for the metadata
 
     def __call__(self, batch: pa.Table) -> pa.Table:
