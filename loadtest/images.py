@@ -170,7 +170,11 @@ def lumbar_lateral_dicom(png: bytes, header: bytes | None = None, age: str = "06
     for keyword in ("WindowCenter", "WindowWidth"):  # the header's window is for its own pixels
         if keyword in ds:
             delattr(ds, keyword)
-    gray = np.asarray(Image.open(io.BytesIO(png)).convert("L"), dtype=np.uint16) * 257
+    image = Image.open(io.BytesIO(png))
+    if image.mode in ("I;16", "I;16B", "I"):  # a 16-bit phantom: its own values (convert("L") would clip them)
+        gray = np.asarray(image, dtype=np.uint16)
+    else:
+        gray = np.asarray(image.convert("L"), dtype=np.uint16) * 257
     ds.set_pixel_data(gray, photometric_interpretation="MONOCHROME2", bits_stored=16)
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
