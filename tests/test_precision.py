@@ -273,7 +273,7 @@ def _serve_tiny_bundle(record_json: str) -> None:
     features = loaded.features_of(x)
     print(json.dumps({"precision": loaded.precision, "reason": loaded.precision_reason, "policies": sorted(compute),
                       "features_dtype": str(features.dtype),
-                      "summary": {k: v for k, v in bundle.find_model(tag).info.metadata.items() if "precision" in k}}))
+                      "summary": {k: v for k, v in bundle.find_model(tag).info.metadata.items() if "precision" in k or k.startswith("gate")}}))
 
 
 def _in_fresh_process(record: dict, tmp_path: Path) -> dict:

@@ -288,7 +288,9 @@ def _summary(card: dict) -> dict:
                 prefix = f"gate_{name}_{split}"
                 facts[f"{prefix}_max_abs_dp"] = figures["max_abs_dp"]
                 facts[f"{prefix}_label_agreement"] = figures["label_agreement"]
-                facts[f"{prefix}_auc"] = figures["auc"].get(key, figures["auc"].get(key.split("/")[1]))
+                auc = figures.get("auc", {}).get(key, figures.get("auc", {}).get(key.split("/")[1]))
+                if auc is not None:
+                    facts[f"{prefix}_auc"] = auc
         facts[f"gate_{name}_passed"] = check["passed"]
         facts["gate_rule"] = check["rule"]
     if card.get("openvino"):
