@@ -15,8 +15,11 @@ float32 here (`precision.SPEED_ORDER`). Why these settings:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -65,8 +68,23 @@ def quantize(model, images: Sequence[np.ndarray], subset_size: int = CALIBRATION
     images = [np.asarray(image, np.float32) for image in list(images)[:subset_size]]
     if not images:
         raise ValueError("int8 calibration needs at least one image")
-    return nncf.quantize(model, nncf.Dataset(images, lambda image: image[None]), subset_size=len(images),
-                         ignored_scope=nncf.IgnoredScope(names=[first_convolution(model)]))
+    with _stdout_to_stderr():  # NNCF logs and draws progress bars on stdout, which carries the CLI's JSON
+        return nncf.quantize(model, nncf.Dataset(images, lambda image: image[None]), subset_size=len(images),
+                             ignored_scope=nncf.IgnoredScope(names=[first_convolution(model)]))
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr():
+    """File descriptor 1 pointed at 2 for the block: NNCF's handlers hold stdout itself, not `sys.stdout`."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def only(model, features: Sequence[str]) -> Any:
