@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
 
     model = bundle.load(args.model, precision=args.precision)  # the server's choice: same setting, same gate
     info = {"model": str(model.tag), "pid": os.getpid(), "cpu_count": os.cpu_count(),
-            "cpus_allowed": len(os.sched_getaffinity(0)), "precision": model.precision,
+            "cpus_allowed": len(os.sched_getaffinity(0)), "runtime": model.runtime, "precision": model.precision,
             "precision_reason": model.precision_reason}
     if not args.interactive:
         results = measure(model.probabilities, tuple(args.batch_sizes), min_seconds=args.min_seconds)

@@ -27,6 +27,10 @@ class ModelNotFoundError(OsteoScreenError):
     """No registered model matches the requested tag."""
 
 
+class ModelIntegrityError(OsteoScreenError):
+    """A registered model's file differs from the sha256 its card recorded: never served."""
+
+
 class OverloadedError(OsteoScreenError):
     """The request queue is full; the caller should retry later (gRPC RESOURCE_EXHAUSTED, HTTP 503)."""
 

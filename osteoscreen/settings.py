@@ -50,9 +50,12 @@ class Settings(BaseModel):
 
     # -- the model --------------------------------------------------------------------------------------
     model_tag: str = Field("osteoscreen:latest", min_length=1, description="the registered model to serve (a BentoML tag)")
-    precision: Literal["auto", "float32", "bfloat16"] = Field(
-        "auto", description="the extractor's compute precision; auto: bfloat16 where the hardware runs it natively "
-                            "and the model's numerics gate passes")
+    runtime: Literal["auto", "tensorflow", "openvino"] = Field(
+        "auto", description="the extractor's runtime; auto: the fastest runtime and precision this hardware runs "
+                            "natively whose recorded agreement passes the model's numerics gate")
+    precision: Literal["auto", "float32", "bfloat16", "int8"] = Field(
+        "auto", description="the extractor's compute precision (int8: OpenVINO only); auto: the fastest one the "
+                            "hardware runs natively and the model's numerics gate passes")
     intended_use: Literal["refuse", "flag"] = Field(
         "refuse", description="an image failing an intended-use check is refused (HTTP 422, gRPC FAILED_PRECONDITION) "
                               "or answered with its findings (site validation, research)")
@@ -160,7 +163,7 @@ class Settings(BaseModel):
     def outbox_path(self) -> Path:
         return self.outbox_dir or self.cache / "outbox"
 
-    @field_validator("precision", "intended_use", mode="before")
+    @field_validator("runtime", "precision", "intended_use", mode="before")
     @classmethod
     def _lower(cls, value: object) -> object:
         return value.strip().lower() if isinstance(value, str) else value

@@ -71,7 +71,8 @@ def run(data_dir: Path, reports: Path = Path("reports"), seed: int = 0, precisio
     for backbone, random_weights in [(name, False) for name in BACKBONE_NAMES] + [("vgg16", True)]:
         try:
             outcomes[(backbone, random_weights)] = evaluate_backbone(data, split, backbone, random_weights=random_weights,
-                                                                     seed=seed, precision=precision)
+                                                                     seed=seed, precision=precision,
+                                                                     runtime="tensorflow")  # every backbone alike
         except WeightsError as exc:
             print(f"{backbone}: {exc}", file=sys.stderr)
             unavailable[backbone] = not_run_reason(exc)

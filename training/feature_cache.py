@@ -1,4 +1,4 @@
-"""Backbone features cached on disk by (image hash, backbone, weights, compute precision), so that a second training run
+"""Backbone features cached on disk by (image hash, backbone, weights, runtime, compute precision), so that a second training run
 with another Random Forest setting, or `compare`, does not pay for the network again."""
 
 from __future__ import annotations
@@ -17,9 +17,12 @@ def default_root() -> Path:
 
 
 class FeatureCache:
-    def __init__(self, backbone: str, weights_id: str, precision: str, root: Path | None = None):
-        # bfloat16 features differ from float32 ones: a forest must never be fitted on a mix of the two
-        self.dir = (root or default_root()) / f"{backbone}-{weights_id[:16]}-{precision}"
+    def __init__(self, backbone: str, weights_id: str, precision: str, root: Path | None = None,
+                 runtime: str = "tensorflow", variant: str | None = None):
+        # bfloat16 features differ from float32 ones, OpenVINO's from TensorFlow's, int8 ones with the images they
+        # were calibrated on (`variant`): a forest must never be fitted on a mix of them
+        name = f"{backbone}-{weights_id[:16]}-{runtime}-{precision}" + (f"-{variant[:16]}" if variant else "")
+        self.dir = (root or default_root()) / name
 
     def _path(self, key: str) -> Path:
         return self.dir / key[:2] / f"{key}.npz"

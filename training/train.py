@@ -20,7 +20,8 @@ from osteoscreen.model.specs import get_spec
 from training import dataset, evaluate, fit, report
 from training.augment import augment
 from training.doubtful import DOUBTFUL
-from training.feature_cache import FeatureCache, extract
+from training.extractors import Extractors
+from training.feature_cache import extract
 
 AUGMENT_ROUNDS = 2  # augmented copies of each training image
 
@@ -43,6 +44,8 @@ class Outcome:
     y_test: np.ndarray
     weights_id: str
     precision: str  # the extractor's compute precision the classifier was fitted on
+    extractors: Extractors  # the extractor in every combination, the OpenVINO ones converted once
+    runtime: str = precision_mod.TENSORFLOW  # the runtime the classifier's features came from
     p_test: np.ndarray | None = None  # set by `score_test`, the split's one use
     p_val: np.ndarray | None = None
     y_val: np.ndarray | None = None
@@ -72,17 +75,21 @@ def make_split(data: LoadedData, seed: int = 0) -> dataset.Split:
 
 def evaluate_backbone(data: LoadedData, split: dataset.Split, backbone: str, random_weights: bool = False,
                       seed: int = 0, augment_rounds: int = AUGMENT_ROUNDS,
-                      search_iterations: int = fit.SEARCH_ITERATIONS, precision: str | None = None) -> Outcome:
+                      search_iterations: int = fit.SEARCH_ITERATIONS, precision: str | None = None,
+                      runtime: str | None = None) -> Outcome:
     """The seed's method for one backbone on a fixed split. Raises WeightsError without ImageNet weights.
 
-    `precision`: the extractor's compute precision (flag value; default $OSTEOSCREEN_PRECISION, else auto)."""
+    `runtime`, `precision`: what computes the features the forest is fitted on (flag values; default
+    $OSTEOSCREEN_RUNTIME / $OSTEOSCREEN_PRECISION, else auto: the fastest combination this hardware runs natively).
+    Fitted on the serving combination, not on the float32 reference and gated: the gate measures how far another
+    combination's features move the forest's answers, and int8's move them past it (docs/results/openvino.md)."""
     import keras
 
     from osteoscreen.model import backbones, weights
 
     spec = get_spec(backbone)
-    choice = precision_mod.choose(precision)
-    print(f"{backbone} extractor: {choice.describe()}", file=sys.stderr)
+    combo, why = precision_mod.training_choice(runtime, precision)
+    print(f"{backbone} extractor: {why}", file=sys.stderr)
     if random_weights:
         keras.utils.set_random_seed(seed)
         weights_id, weights_sha = f"random-seed{seed}", "random"
@@ -90,8 +97,10 @@ def evaluate_backbone(data: LoadedData, split: dataset.Split, backbone: str, ran
         info = weights.provision(backbone)
         weights_id = weights_sha = info.sha256
     reference = backbones.reference_model(backbone, None if random_weights else backbones.IMAGENET)
-    extractor = backbones.with_precision(backbones.extractor_from(reference, spec), choice.precision)
-    cache = FeatureCache(backbone, weights_id, choice.precision)
+    # int8 calibrates on the training split's original images (never validation or test ones)
+    extractors = Extractors(reference, spec, weights_id, [data.images[i] for i in split.train],
+                            [data.hashes[i] for i in split.train])
+    extractor, cache = extractors.runner(combo), extractors.cache(combo)
 
     y = np.array([s.label for s in data.samples])
     groups = np.array([s.patient_id for s in data.samples])
@@ -131,7 +140,8 @@ def evaluate_backbone(data: LoadedData, split: dataset.Split, backbone: str, ran
         "backbone": backbone,
         "weights": "random" if random_weights else "imagenet",
         "weights_sha256": weights_sha,
-        "precision": choice.precision,
+        "precision": combo.precision,
+        "runtime": combo.runtime,
         "features": fitted.features,
         "n_train": len(split.train),
         "n_augmented": len(rows) - len(split.train),
@@ -158,35 +168,36 @@ def evaluate_backbone(data: LoadedData, split: dataset.Split, backbone: str, ran
         "seed": seed,
     }
     return Outcome(metrics, fitted, reference, fit.stack(test_feats, fitted.features), y[split.test], weights_id,
-                   choice.precision, p_val=p_val, y_val=y_val, groups_val=groups[split.val],
+                   combo.precision, extractors, combo.runtime, p_val=p_val, y_val=y_val, groups_val=groups[split.val],
                    groups_test=groups[split.test], content_check=content)
 
 
 def precision_check(data: LoadedData, split: dataset.Split, outcome: Outcome, backbone: str) -> dict:
     """The numerics gate's record: the validation (and, for the report, test) images through the extractor in
-    the other precision, classified by the same forest, compared with the trained precision's answers."""
-    from osteoscreen.model import backbones
-
-    trained, other = outcome.precision, precision_mod.other(outcome.precision)
+    every other combination available here, classified by the same forest, compared with the answers on the
+    features it was fitted on."""
+    trained = precision_mod.Combo(outcome.runtime, outcome.precision)
+    others = [c for c in precision_mod.COMBOS if c != trained
+              and (c.runtime != precision_mod.OPENVINO or precision_mod.openvino_installed())]
     features = outcome.fitted.features
-    extractor = backbones.with_precision(
-        backbones.extractor_from(outcome.reference, get_spec(backbone), features), other)
-    cache = FeatureCache(backbone, outcome.weights_id, other)
     y = np.array([s.label for s in data.samples])
     threshold = outcome.metrics["threshold"]
-    figures = {}
-    for part, p_trained in (("validation", outcome.p_val), ("test", outcome.p_test)):
-        rows = split.val if part == "validation" else split.test
-        feats = extract(extractor, [data.hashes[i] for i in rows], lambda k: data.images[rows[k]], cache,
-                        desc=f"{backbone} {part} features in {other} (precision check)")
-        p_other = screening_probability(outcome.fitted.model, fit.stack(feats, features))
-        figures[part] = precision_mod.agreement(p_trained, p_other, y[rows], threshold, trained)
-    record = {**precision_mod.check(figures["validation"], trained), "test": figures["test"]}
-    v = figures["validation"]
-    print(f"precision check ({trained} -> {other}, validation): max |dp| {v['max_abs_dp']:.4f}, label agreement "
-          f"{v['label_agreement']:.3f}, AUC {v['auc'][trained]:.3f} vs {v['auc'][other]:.3f}: "
-          f"{'passed' if record['passed'] else 'FAILED'} ({record['rule']})", file=sys.stderr)
-    return record
+    combinations = {}
+    for combo in others:
+        extractor, cache = outcome.extractors.runner(combo, features), outcome.extractors.cache(combo)
+        figures = {}
+        for part, p_trained in (("validation", outcome.p_val), ("test", outcome.p_test)):
+            rows = split.val if part == "validation" else split.test
+            feats = extract(extractor, [data.hashes[i] for i in rows], lambda k: data.images[rows[k]], cache,
+                            desc=f"{backbone} {part} features, {combo.key} (numerics gate)")
+            p_other = screening_probability(outcome.fitted.model, fit.stack(feats, features))
+            figures[part] = precision_mod.agreement(p_trained, p_other, y[rows], threshold, trained.key, combo.key)
+        record = combinations[combo.key] = {**precision_mod.check(figures["validation"]), "test": figures["test"]}
+        v = figures["validation"]
+        print(f"numerics gate ({trained.key} -> {combo.key}, validation): max |dp| {v['max_abs_dp']:.4f}, label "
+              f"agreement {v['label_agreement']:.3f}, AUC {v['auc'][trained.key]:.3f} vs {v['auc'][combo.key]:.3f}: "
+              f"{'passed' if record['passed'] else 'FAILED'} ({record['rule']})", file=sys.stderr)
+    return {"trained": trained.key, "rule": precision_mod.RULE, "combinations": combinations}
 
 
 def score_test(outcome: Outcome, seed: int = 0) -> dict:
@@ -213,8 +224,9 @@ def score_test(outcome: Outcome, seed: int = 0) -> dict:
 
 def run(data_dir: Path, backbone: str = "vgg16", reports: Path = Path("reports"), random_weights: bool = False,
         seed: int = 0, register: bool = True, augment_rounds: int = AUGMENT_ROUNDS,
-        search_iterations: int = fit.SEARCH_ITERATIONS, force: bool = False, precision: str | None = None) -> str:
-    from osteoscreen.model import backbones, bundle
+        search_iterations: int = fit.SEARCH_ITERATIONS, force: bool = False, precision: str | None = None,
+        runtime: str | None = None) -> str:
+    from osteoscreen.model import bundle
 
     started = time.perf_counter()
     data = load(data_dir, force=force)
@@ -222,7 +234,8 @@ def run(data_dir: Path, backbone: str = "vgg16", reports: Path = Path("reports")
     for part in ("train", "val", "test"):
         print(f"{part}: {dataset.class_balance(data.samples, getattr(split, part))}", file=sys.stderr)
     outcome = evaluate_backbone(data, split, backbone, random_weights=random_weights, seed=seed,
-                                augment_rounds=augment_rounds, search_iterations=search_iterations, precision=precision)
+                                augment_rounds=augment_rounds, search_iterations=search_iterations, precision=precision,
+                                runtime=runtime)
     metrics = score_test(outcome, seed=seed)
     metrics["data_fingerprint"] = dataset.fingerprint(data.hashes, data.samples)
     metrics["train_seconds"] = round(time.perf_counter() - started, 1)
@@ -235,18 +248,21 @@ def run(data_dir: Path, backbone: str = "vgg16", reports: Path = Path("reports")
     if random_weights:
         return f"not registered: random backbone weights are for ablations only; metrics in {reports / 'metrics.json'}"
     check = precision_check(data, split, outcome, backbone)
-    # the float32 extractor is saved whatever the training precision: loading applies the served one
-    served = backbones.extractor_from(outcome.reference, get_spec(backbone), outcome.fitted.features)
+    # the float32 extractor is saved whatever the training precision: loading applies the served one; beside it the
+    # OpenVINO models converted (and calibrated) in this run, the very ones the gate's figures come from
+    served = outcome.extractors.keras(outcome.fitted.features)
     model = bundle.ModelBundle(served, outcome.fitted.model, outcome.fitted.features, metrics["threshold"], backbone,
                                metadata={"metrics": metrics, "input_size": 224, "class_names": ["normal", "osteoporosis"],
                                          "training_data": {"synthetic": phantom.is_phantom_set(data_dir),
                                                            "phantom_version": phantom.provenance(data_dir).get("version")},
-                                         "precision": outcome.precision, "precision_check": check,
+                                         "precision": outcome.precision, "runtime": outcome.runtime,
+                                         "precision_check": check,
                                          "training": {"seed": seed, "augment_rounds": augment_rounds,
                                                       "search_iterations": search_iterations,
                                                       "data_dir": str(data_dir)},
                                          "intended_use": intended_use_card(data, split, outcome)},
-                               content_check=outcome.content_check)
+                               content_check=outcome.content_check,
+                               openvino_models=outcome.extractors.to_store(outcome.fitted.features))
     return bundle.register(model)
 
 

@@ -14,9 +14,14 @@ from datetime import date
 from pathlib import Path
 
 from osteoscreen.model.precision import CHOICES as PRECISION_CHOICES
+from osteoscreen.model.precision import RUNTIME_CHOICES
 from osteoscreen.model.specs import BACKBONE_NAMES, DEFAULT_BACKBONE
 
-PRECISION_HELP = "extractor compute precision (default: $OSTEOSCREEN_PRECISION, else auto: bfloat16 where the hardware runs it natively)"
+PRECISION_HELP = ("extractor compute precision, int8 on OpenVINO only (default: $OSTEOSCREEN_PRECISION, else auto: "
+                  "the fastest the hardware runs natively)")
+RUNTIME_HELP = "extractor runtime (default: $OSTEOSCREEN_RUNTIME, else auto: the fastest natively run combination)"
+FORCE_PRECISION_HELP = ("run the runtime and precision asked for even where the model's numerics gate refuses them, "
+                        "marked so in the output (comparisons only, never for screening)")
 
 
 def _cmd_weights(args: argparse.Namespace) -> int:
@@ -53,6 +58,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         search_iterations=args.search_iterations,
         force=args.force,
         precision=args.precision,
+        runtime=args.runtime,
     )
     print(tag)
     return 0
@@ -92,7 +98,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         return 2
     return predict.run(args.files, model_tag=args.model, server=args.server, tls=args.tls, ca=args.ca,
                        cert=args.cert, key=args.key, server_name=args.server_name, force=args.force,
-                       dicom_out=args.dicom_out, precision=args.precision)
+                       dicom_out=args.dicom_out, precision=args.precision, runtime=args.runtime,
+                       force_precision=args.force_precision)
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
@@ -120,7 +127,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from osteoscreen.model import bench
 
     print(bench.run_raw(backbone=args.backbone, model_tag=args.model, batch_sizes=args.batch_sizes,
-                        precisions=args.precision))
+                        precisions=args.precision, runtime=args.runtime, force=args.force_precision))
     return 0
 
 
@@ -184,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train on DICOM files whose header says another body part, view or modality too "
                         "(research use only)")
     p.add_argument("--precision", choices=PRECISION_CHOICES, default=None, help=PRECISION_HELP)
+    p.add_argument("--runtime", choices=RUNTIME_CHOICES, default=None, help=RUNTIME_HELP)
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("compare", help="every backbone + RF on the same split, as one markdown table")
@@ -235,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="predict images outside the intended use too, flagged (research use only; local only)")
     p.add_argument("--precision", choices=PRECISION_CHOICES, default=None,
                    help=PRECISION_HELP + "; the model's numerics gate applies (local prediction only)")
+    p.add_argument("--runtime", choices=RUNTIME_CHOICES, default=None, help=RUNTIME_HELP + " (local prediction only)")
+    p.add_argument("--force-precision", action="store_true", help=FORCE_PRECISION_HELP)
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("explain", help="explanation overlays (PNG) of files, locally or against --server")
@@ -254,7 +264,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--precision", choices=PRECISION_CHOICES, nargs="+", default=None,
                    help="one or more precisions, measured back to back in this process with ratios to the first "
-                        "(default: $OSTEOSCREEN_PRECISION, else auto); e.g. --precision float32 auto")
+                        "(default: $OSTEOSCREEN_PRECISION, else auto); e.g. --precision float32 auto; float32 means "
+                        "the TensorFlow float32 reference unless --runtime says otherwise")
+    p.add_argument("--runtime", choices=RUNTIME_CHOICES, default=None,
+                   help=RUNTIME_HELP + "; applies to the precisions other than float32 (the reference)")
+    p.add_argument("--force-precision", action="store_true", help=FORCE_PRECISION_HELP + " (with --model)")
     p.add_argument("--decode", type=Path, nargs="+", metavar="FILE",
                    help="instead: time decoding these files to model input (ms per file), as JSON")
     p.add_argument("--j2k-reduce", type=Path, nargs="+", metavar="FILE",

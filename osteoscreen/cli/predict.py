@@ -22,7 +22,8 @@ from osteoscreen.dicom_results import sr
 
 def run(files: list[str], model_tag: str | None = None, server: str | None = None, tls: bool = False,
         force: bool = False, dicom_out: Path | None = None, ca: str | None = None, cert: str | None = None,
-        key: str | None = None, server_name: str | None = None, precision: str | None = None) -> int:
+        key: str | None = None, server_name: str | None = None, precision: str | None = None,
+        runtime: str | None = None, force_precision: bool = False) -> int:
     if server:
         return predict_files_remote(files, server, tls=tls, root_certificates=ca, client_cert=cert, client_key=key,
                                     server_name=server_name, dicom_out=dicom_out)
@@ -32,7 +33,7 @@ def run(files: list[str], model_tag: str | None = None, server: str | None = Non
     from osteoscreen.model.local import screen_decoded
 
     policy = Policy.FLAG if force else Policy.from_env()
-    model = bundle.load(model_tag, precision=precision)
+    model = bundle.load(model_tag, precision=precision, runtime=runtime, force=force_precision)
     print(f"model {model.tag}: extractor {model.precision_reason}", file=sys.stderr)
     if force:
         print("osteoscreen predict: --force: intended-use checks only flag; research use only, not for screening",
@@ -48,7 +49,9 @@ def run(files: list[str], model_tag: str | None = None, server: str | None = Non
             (p,) = screen_decoded(model, [decoded])
             enforce([p.findings], policy)
             line = {"probability": round(p.probability, 6), "label": p.label, "threshold": p.threshold,
-                    "model": model.tag}
+                    "model": model.tag, "runtime": model.runtime, "precision": model.precision}
+            if model.forced:  # the gate refused this combination: the answer is for comparisons only
+                line["forced_precision"] = True
             if p.findings:
                 line["out_of_intended_use"] = [asdict(f) for f in p.findings]
             if p.cautions:

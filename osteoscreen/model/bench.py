@@ -32,9 +32,13 @@ def measure(predict_fn, batch_sizes=(1, 8, 32), min_seconds: float = 5.0, seed: 
 
 
 def run_raw(backbone: str = "vgg16", model_tag: str | None = None, batch_sizes=(1, 8, 32), min_seconds: float = 5.0,
-            precisions: list[str] | None = None) -> str:
+            precisions: list[str] | None = None, runtime: str | None = None, force: bool = False) -> str:
     """Raw throughput in each of `precisions` (default: $OSTEOSCREEN_PRECISION, else auto), back to back in
-    this one process, so that their ratios mean something on a shared machine; `results` is the first one's."""
+    this one process, so that their ratios mean something on a shared machine; `results` is the first one's.
+
+    With a registered model the numerics gate applies as in serving (`force`: run what it refuses, marked);
+    without one, the extractor with every candidate feature in the fastest natively run combination asked for
+    (int8 then calibrates on random inputs: throughput only, its features mean nothing)."""
     import os
 
     from osteoscreen.model import precision as precision_mod
@@ -43,32 +47,51 @@ def run_raw(backbone: str = "vgg16", model_tag: str | None = None, batch_sizes=(
     limits = limit_threads()  # as the model service does (OSTEOSCREEN_CPUS overrides, to compare pool sizes)
 
     runs = []
-    base = None
+    built: dict = {}
     for asked in precisions or [None]:
-        choice = precision_mod.choose(asked)
         if model_tag:
             from osteoscreen.model import bundle
 
-            model = bundle.load(model_tag, precision=asked)  # the numerics gate applies, as in serving
+            model = bundle.load(model_tag, precision=asked, runtime=runtime, force=force)
             fn, what, reason = model.probabilities, f"{model.tag} (extractor + calibrated RF)", model.precision_reason
-            used = model.precision
+            combo, forced = precision_mod.Combo(model.runtime, model.precision), model.forced
         else:
-            from osteoscreen.model.backbones import build_extractor, with_precision
-
-            base = base or build_extractor(backbone)
-            fn, what, reason = with_precision(base, choice.precision).predict_on_batch, \
-                f"{backbone} extractor (all candidate features)", choice.describe()
-            used = choice.precision
-        runs.append({"requested": choice.requested, "precision": used, "reason": reason,
+            found, _ = precision_mod.candidates(precision_mod.requested_runtime(runtime), precision_mod.requested(asked),
+                                                precision_mod.detect(), precision_mod.openvino_installed())
+            combo, forced = found[0], False
+            fn, what, reason = _extractor(backbone, combo, built), f"{backbone} extractor (all candidate features)", \
+                f"{combo.key} (requested runtime {runtime or 'default'}, precision {asked or 'default'})"
+        runs.append({"requested": asked or precision_mod.requested(), "runtime": combo.runtime,
+                     "precision": combo.precision, "forced": forced, "reason": reason,
                      "results": measure(fn, batch_sizes, min_seconds)})
     first = runs[0]
     result = {"model": what, "cpu_count": os.cpu_count(), "tf_intra_op_threads": limits.intra_op,
-              "tf_inter_op_threads": limits.inter_op, "precision": first["precision"], "results": first["results"]}
+              "tf_inter_op_threads": limits.inter_op, "runtime": first["runtime"], "precision": first["precision"],
+              "results": first["results"]}
     if len(runs) > 1:
         result["by_precision"] = runs
         result["ratios_to_first"] = [
-            {"precision": run["precision"], "requested": run["requested"], "batch": row["batch"],
-             "throughput_x": round(row["images_per_s"] / ref["images_per_s"], 3),
+            {"runtime": run["runtime"], "precision": run["precision"], "requested": run["requested"],
+             "batch": row["batch"], "throughput_x": round(row["images_per_s"] / ref["images_per_s"], 3),
              "call_time_x": round(row["median_call_ms"] / ref["median_call_ms"], 3)}
             for run in runs[1:] for row, ref in zip(run["results"], first["results"])]
     return json.dumps(result, indent=2)
+
+
+def _extractor(backbone: str, combo, built: dict):
+    """`combo`'s predict function for the ImageNet extractor, the Keras model built once per process."""
+    from osteoscreen.model import openvino_runtime
+    from osteoscreen.model.backbones import build_extractor, with_precision
+    from osteoscreen.resources import cpu_budget
+
+    if "keras" not in built:
+        built["keras"] = build_extractor(backbone)
+    if combo.runtime == "tensorflow":
+        return with_precision(built["keras"], combo.precision).predict_on_batch
+    if "openvino" not in built:
+        built["openvino"] = openvino_runtime.convert(built["keras"])
+    model = built["openvino"]
+    if combo.precision == "int8":
+        rng = np.random.default_rng(1)
+        model = openvino_runtime.quantize(model, list(rng.uniform(0, 255, (32, 224, 224, 1)).astype(np.float32)))
+    return openvino_runtime.OpenVINOExtractor(model, combo.precision, threads=max(1, int(cpu_budget()))).predict_on_batch

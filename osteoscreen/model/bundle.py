@@ -26,6 +26,7 @@ _EXTRACTOR_FILE = "extractor.keras"
 _CLASSIFIER_FILE = "classifier.joblib"
 _CARD_FILE = "model_card.json"
 _CONTENT_CHECK_FILE = "content_check.joblib"
+_OPENVINO_DIR = "openvino"  # extractor_float32.xml/.bin (float32 and bfloat16 compile from it), extractor_int8.xml/.bin
 log = logging.getLogger("osteoscreen.model")
 # A screening answer is never "probability 0" or "probability 1": no model trained on a few hundred
 # patients has evidence for certainty, and a clinician reading 0.0 reads "ruled out". Also keeps the
@@ -48,10 +49,17 @@ class ModelBundle:
     content_check: Any = None
     precision: str = "float32"  # what the extractor computes in now (the card's "precision": what it was trained on)
     precision_reason: str = ""
+    runtime: str = "tensorflow"  # what runs the extractor now (the card's "runtime": what the forest was fitted on)
+    forced: bool = False  # a combination the numerics gate refused, run by --force-precision (comparisons only)
+    # what computes the features: the Keras `extractor` itself, or an openvino_runtime.OpenVINOExtractor (the Keras
+    # one stays loaded for explanations, which need its gradients and activation maps)
+    runner: Any = None
+    # at registration only: {"float32": ov.Model, "int8": ov.Model} converted from `extractor`, stored beside it
+    openvino_models: dict = field(default_factory=dict)
 
     def features_of(self, batch: np.ndarray) -> np.ndarray:
         """(N, 224, 224, 1) -> (N, D): the feature sets the classifier was trained on, in order."""
-        out = self.extractor.predict_on_batch(np.asarray(batch, dtype=np.float32))
+        out = (self.runner or self.extractor).predict_on_batch(np.asarray(batch, dtype=np.float32))
         return np.concatenate([np.asarray(out[name], dtype=np.float32) for name in self.features], axis=1)
 
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
@@ -106,19 +114,33 @@ def screening_probability(classifier: Any, features: np.ndarray) -> np.ndarray:
 
 def register(bundle: ModelBundle) -> str:
     """Save the bundle as a new version in the BentoML model store and return its tag."""
+    import shutil
+    import tempfile
+
     import bentoml
     import joblib
 
-    card = _jsonable({"features": bundle.features, "threshold": bundle.threshold, "backbone": bundle.backbone,
-                      **bundle.metadata})
-    labels = {"backbone": bundle.backbone, "task": "osteoporosis-screening"}
-    with bentoml.models.create(bundle.name, labels=labels, metadata=_summary(card), module="osteoscreen.model.bundle") as model:
-        bundle.extractor.save(model.path_of(_EXTRACTOR_FILE))
-        joblib.dump(bundle.classifier, model.path_of(_CLASSIFIER_FILE))
-        if bundle.content_check is not None:
-            joblib.dump(bundle.content_check, model.path_of(_CONTENT_CHECK_FILE))
-        Path(model.path_of(_CARD_FILE)).write_text(json.dumps(card, indent=2))
+    with tempfile.TemporaryDirectory(prefix="osteoscreen-openvino-") as staging:
+        stored = {}
+        if bundle.openvino_models:  # written first: the card (and the store's metadata) records their sha256
+            from osteoscreen.model import openvino_runtime
+
+            stored = {precision: openvino_runtime.save(ov_model, Path(staging) / f"extractor_{precision}.xml")
+                      for precision, ov_model in bundle.openvino_models.items()}
+        card = _jsonable({"features": bundle.features, "threshold": bundle.threshold, "backbone": bundle.backbone,
+                          **bundle.metadata, **({"openvino": stored} if stored else {})})
+        labels = {"backbone": bundle.backbone, "task": "osteoporosis-screening"}
+        with bentoml.models.create(bundle.name, labels=labels, metadata=_summary(card),
+                                   module="osteoscreen.model.bundle") as model:
+            bundle.extractor.save(model.path_of(_EXTRACTOR_FILE))
+            joblib.dump(bundle.classifier, model.path_of(_CLASSIFIER_FILE))
+            if bundle.content_check is not None:
+                joblib.dump(bundle.content_check, model.path_of(_CONTENT_CHECK_FILE))
+            if stored:
+                shutil.copytree(staging, model.path_of(_OPENVINO_DIR))
+            Path(model.path_of(_CARD_FILE)).write_text(json.dumps(card, indent=2))
     bundle.version = model.tag.version
+    bundle.metadata = card
     return str(model.tag)
 
 
@@ -142,6 +164,8 @@ def register_derived(parent_tag: str, classifier: Any, threshold: float, metadat
         shutil.copyfile(parent.path_of(_EXTRACTOR_FILE), model.path_of(_EXTRACTOR_FILE))
         if Path(parent.path_of(_CONTENT_CHECK_FILE)).exists():  # fitted on the same extractor's features: still valid
             shutil.copyfile(parent.path_of(_CONTENT_CHECK_FILE), model.path_of(_CONTENT_CHECK_FILE))
+        if Path(parent.path_of(_OPENVINO_DIR)).is_dir():  # the converted extractors, byte for byte as recorded
+            shutil.copytree(parent.path_of(_OPENVINO_DIR), model.path_of(_OPENVINO_DIR))
         joblib.dump(classifier, model.path_of(_CLASSIFIER_FILE))
         Path(model.path_of(_CARD_FILE)).write_text(json.dumps(card, indent=2))
     return str(model.tag)
@@ -178,12 +202,14 @@ def card_of(tag: str | None = None) -> tuple[str, dict]:
     return str(model.tag), json.loads(Path(model.path_of(_CARD_FILE)).read_text())
 
 
-def load(tag: str | None = None, precision: str | None = None) -> ModelBundle:
+def load(tag: str | None = None, precision: str | None = None, runtime: str | None = None,
+         force: bool = False) -> ModelBundle:
     """Load a registered bundle; raises ModelNotFoundError with a hint when none matches.
 
-    `precision` (a CLI flag; default $OSTEOSCREEN_PRECISION, else auto) picks the extractor's compute precision,
-    through the numerics gate: a precision other than the one the classifier was trained on only when the
-    card's recorded agreement check passed. The choice and its reason are logged and kept on the bundle.
+    `runtime` and `precision` (CLI flags; default $OSTEOSCREEN_RUNTIME and $OSTEOSCREEN_PRECISION, else auto) pick
+    what computes the features, through the numerics gate (`precision.select`): a combination other than the one
+    the forest was fitted on only when the card's recorded agreement check for it passed, or with `force`
+    (--force-precision, comparisons only). The choice and its reason are logged and kept on the bundle.
     """
     import joblib
     import keras
@@ -191,21 +217,24 @@ def load(tag: str | None = None, precision: str | None = None) -> ModelBundle:
     from osteoscreen.model import precision as precision_mod
     from osteoscreen.model.backbones import with_precision  # also registers the layer the extractor file names
 
-    choice = precision_mod.choose(precision)  # a bad value fails before the slow load
-
+    precision_mod.check_request(runtime, precision)  # a bad value or combination fails before the slow load
     model = find_model(tag)
     if model is None:
         raise ModelNotFoundError(
             f"no registered model {tag or MODEL_NAME + ':latest'}; train one with `osteoscreen train --data DIR`"
         )
     card = json.loads(Path(model.path_of(_CARD_FILE)).read_text())
-    trained = card.get("precision", precision_mod.FLOAT32)  # bundles from before precisions were float32
-    served, reason = precision_mod.gate(choice, trained, card.get("precision_check"))
-    log.info("model %s: extractor %s", model.tag, reason)
+    selection = precision_mod.select(card, runtime, precision, force=force)
+    log.info("model %s: extractor %s", model.tag, selection.reason)
     extractor = keras.saving.load_model(model.path_of(_EXTRACTOR_FILE), compile=False)
+    runner = None
+    if selection.runtime == precision_mod.OPENVINO:
+        runner = _openvino_runner(model, card, selection.precision)
+    else:
+        extractor = with_precision(extractor, selection.precision)
     content_file = Path(model.path_of(_CONTENT_CHECK_FILE))
     return ModelBundle(
-        extractor=with_precision(extractor, served),
+        extractor=extractor,
         classifier=joblib.load(model.path_of(_CLASSIFIER_FILE)),
         features=list(card["features"]),
         threshold=float(card["threshold"]),
@@ -214,9 +243,34 @@ def load(tag: str | None = None, precision: str | None = None) -> ModelBundle:
         version=model.tag.version,
         metadata=card,
         content_check=joblib.load(content_file) if content_file.exists() else None,
-        precision=served,
-        precision_reason=reason,
+        precision=selection.precision,
+        precision_reason=selection.reason,
+        runtime=selection.runtime,
+        forced=selection.forced,
+        runner=runner,
     )
+
+
+def _openvino_runner(model, card: dict, precision: str):
+    """The stored OpenVINO extractor compiled for `precision` (bfloat16 compiles the float32 IR), its files
+    checked against the card's sha256, its compiled form cached so that a restart skips compilation."""
+    from osteoscreen import settings
+    from osteoscreen.model import openvino_runtime
+    from osteoscreen.resources import cpu_budget
+
+    stored = card.get("openvino") or {}
+    record = stored.get("int8" if precision == "int8" else "float32")
+    if record is None:
+        raise ModelNotFoundError(f"model {model.tag} stores no OpenVINO {precision} extractor (registered before "
+                                 "OpenVINO, or without it installed); retrain, or use --runtime tensorflow")
+    ir = openvino_runtime.read(Path(model.path_of(_OPENVINO_DIR)), record)
+    return openvino_runtime.OpenVINOExtractor(ir, precision, threads=max(1, int(cpu_budget())),
+                                              cache_dir=settings.current().cache / "openvino")
+
+
+def _openvino_summary(stored: dict) -> dict:
+    return {f"openvino_{precision}_{part}_sha256": record[f"{part}_sha256"]
+            for precision, record in stored.items() for part in ("xml", "bin")}
 
 
 def _summary(card: dict) -> dict:
@@ -234,18 +288,25 @@ def _summary(card: dict) -> dict:
             facts[key] = intended[key]
     if card.get("precision"):
         facts["precision"] = card["precision"]
-    check = card.get("precision_check") or {}
-    for split in ("validation", "test"):  # the numerics gate's figures (validation decides; test is reported)
-        figures = check.get(split)
-        if figures:
-            prefix = f"precision_check_{split}"
-            facts[f"{prefix}_max_abs_dp"] = figures["max_abs_dp"]
-            facts[f"{prefix}_label_agreement"] = figures["label_agreement"]
-            for name, auc in figures["auc"].items():
-                facts[f"{prefix}_auc_{name}"] = auc
-    if check:
-        facts["precision_check_passed"] = check["passed"]
-        facts["precision_check_rule"] = check["rule"]
+        facts["runtime"] = card.get("runtime", "tensorflow")
+    from osteoscreen.model.precision import records
+
+    # the numerics gate's table, one row of facts per other combination (validation decides; test is reported)
+    for key, check in records(card).items():
+        name = key.replace("/", "_")
+        for split in ("validation", "test"):
+            figures = check.get(split)
+            if figures:
+                prefix = f"gate_{name}_{split}"
+                facts[f"{prefix}_max_abs_dp"] = figures["max_abs_dp"]
+                facts[f"{prefix}_label_agreement"] = figures["label_agreement"]
+                auc = figures.get("auc", {}).get(key, figures.get("auc", {}).get(key.split("/")[1]))
+                if auc is not None:
+                    facts[f"{prefix}_auc"] = auc
+        facts[f"gate_{name}_passed"] = check["passed"]
+        facts["gate_rule"] = check["rule"]
+    if card.get("openvino"):
+        facts.update(_openvino_summary(card["openvino"]))
     return facts
 
 

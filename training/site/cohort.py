@@ -83,7 +83,11 @@ def load(root: Path, skip_unreadable: bool = False) -> Cohort:
 def features(model, cohort: Cohort, extractor_sha256: str, indices: list[int] | None = None) -> np.ndarray:
     """(N, D) classifier inputs for the cohort's images, through the bundle's own `features_of`."""
     indices = list(range(len(cohort.samples))) if indices is None else list(indices)
-    cache = FeatureCache(f"served-{model.backbone}", extractor_sha256, model.precision)
+    # an int8 model's features are its own stored file's: key them by that file's sha256 too
+    variant = ((model.metadata.get("openvino") or {}).get("int8") or {}).get("bin_sha256") \
+        if model.precision == "int8" else None
+    cache = FeatureCache(f"served-{model.backbone}", extractor_sha256, model.precision, runtime=model.runtime,
+                         variant=variant)
     rows: list[np.ndarray | None] = []
     for i in indices:
         hit = cache.get(cohort.hashes[i])
