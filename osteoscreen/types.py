@@ -29,6 +29,7 @@ class ModelInfo:
     intended_use: dict | None = None  # the model card's `intended_use` (rules and content cut-off)
     clinical: bool = False  # the model card records real (not phantom) training data; only then no "not for clinical use"
     precision: str = "float32"  # the extractor's compute precision, as the model service chose it
+    runtime: str = "tensorflow"  # what runs the extractor (tensorflow or openvino), as the model service chose it
 
 
 @dataclass(frozen=True)

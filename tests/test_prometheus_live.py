@@ -173,6 +173,26 @@ class Prometheus:
 
 
 @pytest.fixture(scope="module")
+def server(registered_model, tmp_path_factory):
+    """The session's model served as a site runs it in production: the refuse policy (the out-of-intended-use share
+    counts refusals) and the PACS node on (the dashboard's PACS row and its alert name the node's series), storing
+    results back to a destination that is down, so that the store failures and a waiting outbox entry exist."""
+    from loadtest.server import ServerProcess
+    from tests.test_dicom_node_pacs import MODALITY
+
+    folder = tmp_path_factory.mktemp("server")
+    srv = ServerProcess(env=registered_model["env"], log_path=folder / "server.log", OSTEOSCREEN_INTENDED_USE="refuse",
+                        OSTEOSCREEN_DICOM_PORT=str(free_port()), OSTEOSCREEN_DICOM_HOST="127.0.0.1",
+                        OSTEOSCREEN_DICOM_ALLOWED_AES=MODALITY, OSTEOSCREEN_OUTBOX_DIR=str(folder / "outbox"),
+                        OSTEOSCREEN_RESULTS_DESTINATION=f"dicom://PACS@127.0.0.1:{free_port()}",
+                        OSTEOSCREEN_RESULTS_RETRY_S="0.5", OSTEOSCREEN_RESULTS_RETRY_MAX_S="2").start()
+    try:
+        yield srv.wait_ready(600)
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="module")
 def prometheus(server, tmp_path_factory):
     exe = shutil.which("prometheus")
     if exe is None:
@@ -231,15 +251,33 @@ def _send_bad_inputs(server) -> None:
     assert rpc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
+def _send_to_the_node(server, folder: Path, png: Path) -> None:
+    """A lumbar lateral film and a chest film over C-STORE: one screened (its result waits in the outbox, the
+    destination being down), one skipped by its header; and the chest film over HTTP, refused by its header."""
+    from tests.test_dicom_node_pacs import chest
+    from tests.test_dicom_node_served import lumbar_lateral, storescu
+
+    sent = storescu(int(server.env["OSTEOSCREEN_DICOM_PORT"]), folder, lumbar_lateral(png), chest())
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    request = urllib.request.Request(f"{server.url}/predict", data=chest(),
+                                     headers={"Content-Type": "application/dicom"})
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(request, timeout=60)
+    assert info.value.code == 422
+
+
 @pytest.fixture(scope="module")
-def scraped(server, prometheus, tmp_path_factory) -> dict:
-    """Traffic while Prometheus watches: bad inputs, then 20 s of Locust over all three APIs. Returns the time
+def scraped(server, prometheus, registered_model, tmp_path_factory) -> dict:
+    """Traffic while Prometheus watches: bad inputs, films for the PACS node, then 20 s of Locust over all three APIs. Returns the time
     to evaluate at: inside the load, after the recording rules have run on it."""
     deadline = time.monotonic() + 30
     while not prometheus.query('up{job="osteoscreen"} == 1', time.time())["data"]["result"]:
         assert time.monotonic() < deadline, "Prometheus never scraped the server"
         time.sleep(0.5)
     _send_bad_inputs(server)
+    # a training film the content check passes (test_dicom_node_served's choice)
+    _send_to_the_node(server, tmp_path_factory.mktemp("storescu"),
+                      sorted((registered_model["root"] / "data").glob("*/*.png"))[0])
     out = tmp_path_factory.mktemp("locust")
     # The SLO gate is tests/test_loadtest.py's business; here only the traffic matters (errors are traffic too).
     result = run_locust(server, out, ["HttpPredictUser", "GrpcPredictUser", "V2InferUser"], run_time="20s",

@@ -29,11 +29,13 @@ def test_processes_are_told_apart_by_their_command_line():
 def test_served_precision_cost_and_startup_are_reported(server, registered_model):
     with urllib.request.urlopen(f"{server.url}/metrics", timeout=30) as response:
         text = response.read().decode()
-    info = re.search(r'osteoscreen_model_info\{[^}]*precision="(float32|bfloat16)"[^}]*\} 1\.0', text)
+    info = re.search(r'osteoscreen_model_info\{[^}]*precision="(float32|bfloat16|int8)",runtime="(tensorflow|openvino)"'
+                     r'[^}]*\} 1\.0', text)
     assert info, text[-2000:]
     card = json.loads((registered_model["root"] / "reports" / "metrics.json").read_text())
     assert card["precision"] in ("float32", "bfloat16")  # what training computed in
-    assert f"precision {info.group(1)}" in server.log_tail(200_000)  # the start-up log line names the choice
+    served = f"{info.group(2)}/{info.group(1)}"  # the start-up log line names the choice, runtime and precision
+    assert f"extractor {served} (" in server.log_tail(200_000)
 
     phases = startup_phases(server.url)
     # the explanation model is built after ready, in the background: its phase is there once it finished

@@ -228,7 +228,14 @@ def test_recalibrate_leaves_out_images_outside_the_intended_use(registered_model
     import subprocess
     import sys
 
-    folder = _png_folder(tmp_path / "site", 8, 8)
+    from training.phantom import generate_dataset
+
+    # phantom films like the ones the model was trained on (another seed), one synthetic ramp per class (far
+    # outside: refused by the content check), and a chest film (refused by its header)
+    folder = generate_dataset(tmp_path / "site", 16, seed=11)
+    for label in ("normal", "osteoporosis"):
+        ramp = np.add.outer(np.arange(64), np.arange(64)) * 3
+        Image.fromarray((ramp % 256).astype(np.uint8)).save(folder / label / "ramp.png")
     _dicom(folder / "normal" / "chest.dcm", "Acme", "X1", "F", "067Y")
     chest = pydicom.dcmread(folder / "normal" / "chest.dcm")
     chest.BodyPartExamined = "CHEST"
@@ -241,12 +248,15 @@ def test_recalibrate_leaves_out_images_outside_the_intended_use(registered_model
                             env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     record = json.loads((tmp_path / "r" / "recalibration.json").read_text())["intended_use"]
-    assert record["checked"] == 17 and record["by_check"].get("body_part") == 1 and record["outside"] >= 1
+    assert record["checked"] == 19 and record["by_check"].get("body_part") == 1
+    assert record["by_check"].get("content") >= 2 and record["outside"] >= 3
     [chest_entry] = [f for f in record["files"] if f["path"] == str(folder / "normal" / "chest.dcm")]
     assert chest_entry["checks"][0] == "body_part"
-    assert f"{record['outside']} of 17 images are outside the model's intended use" in result.stderr
+    refused = {f["path"] for f in record["files"] if f["checks"] and f["checks"][0] == "content"}
+    assert {str(folder / label / "ramp.png") for label in ("normal", "osteoporosis")} <= refused
+    assert f"{record['outside']} of 19 images are outside the model's intended use" in result.stderr
     n = json.loads((tmp_path / "r" / "recalibration.json").read_text())
-    assert n["n_fit"] + n["n_holdout"] == 17 - record["outside"]
+    assert n["n_fit"] + n["n_holdout"] == 19 - record["outside"]
 
 
 @pytest.mark.parametrize("command", ["evaluate", "recalibrate"])

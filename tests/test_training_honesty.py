@@ -214,7 +214,8 @@ def _outcome(backbone_auc_shift: float, seed: int) -> train.Outcome:
     threshold = fit.choose_threshold(y[20:40], p_val)
     metrics = {"threshold": threshold, "val_auc": float(roc_auc_score(y[20:40], p_val))}
     fitted = fit.FittedClassifier(model, ["f"], {}, {}, 0.0, 10)
-    return train.Outcome(metrics, fitted, None, X[40:], y[40:], "weights", "float32", p_val=p_val, y_val=y[20:40],
+    return train.Outcome(metrics, fitted, None, X[40:], y[40:], "weights", "float32", extractors=None, p_val=p_val,
+                         y_val=y[20:40],
                          groups_val=np.arange(20).astype(str), groups_test=np.arange(20).astype(str))
 
 
@@ -227,7 +228,8 @@ def test_compare_chooses_on_validation_and_scores_only_the_chosen_row_on_test(tm
         outcomes[key].metrics["val_auc"] = auc  # the ablation scores best: it must still not be chosen
     scored = []
 
-    def fake_evaluate(data, split, backbone, random_weights=False, seed=0, precision=None):
+    def fake_evaluate(data, split, backbone, random_weights=False, seed=0, precision=None, runtime=None):
+        assert runtime == "tensorflow"  # every backbone compared on the same runtime
         if backbone == "inceptionv3":
             raise WeightsError("no weights here")
         return outcomes[(backbone, random_weights)]

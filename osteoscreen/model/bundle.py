@@ -91,7 +91,7 @@ class ModelBundle:
     def info(self) -> ModelInfo:
         """The model as answers name it (the model service's `info`)."""
         return ModelInfo(self.name, self.version, self.backbone, self.threshold,
-                         self.intended_use.to_dict(), self.clinical, self.precision)
+                         self.intended_use.to_dict(), self.clinical, self.precision, self.runtime)
 
     @property
     def tag(self) -> str:

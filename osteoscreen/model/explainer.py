@@ -4,7 +4,9 @@ features pool over, TreeSHAP on the served forest, and the exact spread of one o
 
 Built from a loaded bundle and sharing its extractor's layers (no second copy of the weights); its own
 Keras model, so it can run on its own thread beside the screening batcher without sharing a predict
-function with it.
+function with it. When the bundle serves on OpenVINO, the forest reads the OpenVINO features (what Predict
+answers from) and the Keras maps only spread each feature's SHAP value over the image, so the map still sums
+exactly to the answer it explains.
 """
 
 from __future__ import annotations
@@ -35,7 +37,10 @@ class Explainer:
         out = [np.asarray(a, dtype=np.float32) for a in self._maps.predict_on_batch(batch)]
         n = len(self.features)
         maps = {name: out[i][0] for i, name in enumerate(self.features)}
-        pooled = np.concatenate([out[n + i] for i in range(n)], axis=1)
+        if self.bundle.runner is None:
+            pooled = np.concatenate([out[n + i] for i in range(n)], axis=1)
+        else:  # served on OpenVINO: its features, so the explanation's answer is Predict's; Keras's maps only share out
+            pooled = self.bundle.features_of(batch)  # each feature's SHAP value over the image (any map does)
         phi, forest_output = self.shap(pooled)
         attribution = spread(phi[0], self.features, maps)
         probability = float(self.bundle.classifier.predict_proba(pooled)[0, 1])

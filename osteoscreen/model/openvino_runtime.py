@@ -20,6 +20,7 @@ import hashlib
 import logging
 import os
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -129,7 +130,8 @@ def read(folder: Path, record: dict) -> Any:
 
 class OpenVINOExtractor:
     """A compiled OpenVINO extractor with the Keras extractor's calling convention: (N, 224, 224, 1) float32 ->
-    {feature name: (N, C) float32}. One inference request, reused: the model service calls from one thread."""
+    {feature name: (N, C) float32}. One inference request per calling thread, reused: the batcher and the
+    explainer's thread both call it, and an OpenVINO InferRequest must not run two inferences at once."""
 
     def __init__(self, model, precision: str, threads: int | None = None, cache_dir: Path | None = None):
         ov = require()
@@ -145,10 +147,13 @@ class OpenVINOExtractor:
         self.precision = precision
         self.compiled = core.compile_model(model, "CPU", config)
         self._names = [output.get_any_name() for output in self.compiled.outputs]
-        self._request = self.compiled.create_infer_request()
+        self._local = threading.local()
 
     def predict_on_batch(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        results = self._request.infer({0: np.ascontiguousarray(batch, dtype=np.float32)})
+        request = getattr(self._local, "request", None)
+        if request is None:
+            request = self._local.request = self.compiled.create_infer_request()
+        results = request.infer({0: np.ascontiguousarray(batch, dtype=np.float32)})
         return {name: np.array(results[output], dtype=np.float32)
                 for name, output in zip(self._names, self.compiled.outputs)}
 

@@ -83,7 +83,7 @@ class InferencePath:
         self._rules = IntendedUse.from_dict(info.intended_use)
         self._model_up = True
         metrics.MODEL_INFO.labels(name=info.name, version=info.version, backbone=info.backbone,
-                                  precision=info.precision).set(1)
+                                  precision=info.precision, runtime=info.runtime).set(1)
 
     def model_down(self, reason: str) -> None:
         """The model service died, hangs or cannot be reached: not ready (probes take the replica out of

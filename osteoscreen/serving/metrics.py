@@ -58,8 +58,9 @@ PROBABILITY = bentoml.metrics.Histogram(
 )
 MODEL_INFO = bentoml.metrics.Gauge(
     name="osteoscreen_model_info",
-    documentation="Always 1; labels name the model being served and the extractor's compute precision.",
-    labelnames=["name", "version", "backbone", "precision"],
+    documentation="Always 1; labels name the model being served and the runtime and compute precision of its "
+                  "extractor.",
+    labelnames=["name", "version", "backbone", "precision", "runtime"],
     multiprocess_mode="max",
 )
 MODEL_CPU = bentoml.metrics.Counter(
