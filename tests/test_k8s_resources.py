@@ -10,7 +10,7 @@ import math
 import pytest
 
 from test_k8s import OVERLAYS, render
-from test_k8s_policy import all_containers, config, main_container, quantity
+from test_k8s_policy import all_containers, config, main_container, quantity, ray_containers, rayjob
 
 from osteoscreen.serving.grpc.server import CONTROL_HEADROOM
 
@@ -43,6 +43,16 @@ def test_qos_is_guaranteed_requests_equal_limits(overlay):
         for resource in ("cpu", "memory"):
             assert quantity(resources["requests"][resource]) == quantity(resources["limits"][resource]), \
                 f"{container['name']}: {resource} request != limit (QoS would be Burstable)"
+
+
+def test_screening_pods_are_guaranteed_too():
+    """The RayJob's pods (head, workers, submitter, autoscaler): a Ray node the kubelet evicts under memory
+    pressure loses its objects and its actors' batches; Guaranteed pods go last."""
+    for role, container in ray_containers(rayjob()):
+        resources = container["resources"]
+        for resource in ("cpu", "memory"):
+            assert quantity(resources["requests"][resource]) == quantity(resources["limits"][resource]), \
+                f"{role}: {resource} request != limit"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
