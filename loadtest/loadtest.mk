@@ -8,6 +8,9 @@
 #   make soak       Locust for SOAK_RUN_TIME at SOAK_LOAD x the capacity `make bench` measured; zero failures
 #   make bench-dicom  the DICOM node: C-STORE over 8 associations to SR stored back in Orthanc, against the raw model
 #   make bench-gpu  on a GPU machine (a few minutes): raw float32 vs bfloat16, a short served bench; gpu.json/gpu.md
+#   make bench-gpu-torch  here: export the extractor for the lent GPU machine (PyTorch, no TensorFlow there) to
+#                   GPU_BUNDLE (build/gpu, ~58 MiB: weights, phantom inputs, Keras float32 features) and run its
+#                   benchmark once on this CPU (--smoke); then there: `python3 -m loadtest.gpu_torch` (loadtest/README.md)
 LOADTEST_USERS ?= 6
 LOADTEST_SPAWN_RATE ?= 6
 LOADTEST_RUN_TIME ?= 60s
@@ -29,8 +32,11 @@ SOAK_LOAD ?= 0.8
 SOAK_USERS ?= 16
 # the inputs `make bench` measured capacity with (no DICOM), so that SOAK_LOAD is a true share of capacity
 SOAK_MIX ?= png=2,jpeg=1
+GPU_BUNDLE ?= build/gpu
+# e.g. --model osteoscreen:TAG (a registered extractor instead of a fresh one), --random-weights (throughput only)
+GPU_EXPORT_ARGS ?=
 
-.PHONY: loadtest bench overload soak bench-gpu bench-dicom
+.PHONY: loadtest bench overload soak bench-gpu bench-gpu-torch bench-dicom
 
 loadtest: model
 	$(BIN)/python -m loadtest.run --users $(LOADTEST_USERS) --spawn-rate $(LOADTEST_SPAWN_RATE) \
@@ -51,6 +57,12 @@ soak: model
 
 bench-gpu: model
 	$(BIN)/python -m loadtest.gpu --out $(BENCH_OUT)/gpu
+
+# the GPU machine has no TensorFlow: the export carries what its pure-PyTorch benchmark needs; the smoke run proves
+# the script works on this bundle before GPU time is spent on it
+bench-gpu-torch: weights
+	$(BIN)/python -m loadtest.gpu_export --out $(GPU_BUNDLE) $(GPU_EXPORT_ARGS)
+	$(BIN)/python -m loadtest.gpu_torch --bundle $(GPU_BUNDLE) --out $(BENCH_OUT)/gpu_torch_smoke --smoke
 
 # the demo data's phantoms (what the model was trained on), so the content check passes as for real lumbar films
 bench-dicom: model data tools
