@@ -33,7 +33,7 @@ def test_served_precision_cost_and_startup_are_reported(server, registered_model
                      r'[^}]*\} 1\.0', text)
     assert info, text[-2000:]
     card = json.loads((registered_model["root"] / "reports" / "metrics.json").read_text())
-    assert card["precision"] in ("float32", "bfloat16")  # what training computed in
+    assert card["precision"] in ("float32", "bfloat16", "int8")  # what training computed in
     served = f"{info.group(2)}/{info.group(1)}"  # the start-up log line names the choice, runtime and precision
     assert f"extractor {served} (" in server.log_tail(200_000)
 

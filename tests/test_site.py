@@ -232,7 +232,9 @@ def test_recalibrate_leaves_out_images_outside_the_intended_use(registered_model
 
     # phantom films like the ones the model was trained on (another seed), one synthetic ramp per class (far
     # outside: refused by the content check), and a chest film (refused by its header)
-    folder = generate_dataset(tmp_path / "site", 16, seed=11)
+    folder = tmp_path / "site"
+    generate_dataset(folder, 16, seed=11)
+    (folder / "manifest.csv").unlink()  # a site's folder of films: every file in it is checked (a manifest picks files)
     for label in ("normal", "osteoporosis"):
         ramp = np.add.outer(np.arange(64), np.arange(64)) * 3
         Image.fromarray((ramp % 256).astype(np.uint8)).save(folder / label / "ramp.png")
