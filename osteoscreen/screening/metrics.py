@@ -8,7 +8,7 @@ endpoint KubeRay's PodMonitors scrape. Ray prefixes the names with `ray_` and co
     ray_osteoscreen_screening_model_seconds_total            seconds spent in the model: with the above, an
                                                              actor's throughput and busy share
     ray_osteoscreen_screening_thumbnails_total{outcome}      explanation overlays for the report (ok, failed)
-    ray_osteoscreen_screening_job_inputs                     the inputs this run has to do (the driver's gauge)
+    ray_osteoscreen_screening_inputs_total                   inputs the driver gave the pipeline (after resume)
 
 Rates come from the counters (`rate(..._images_total[5m])`). Labels carry statuses, check names and stage
 names only, a small fixed set: never a patient identifier, a header value or an error message (those are in
@@ -27,7 +27,7 @@ from osteoscreen.screening.schema import EXCLUDED, FAILED
 
 PREFIX = "osteoscreen_screening_"
 IMAGES, MODEL_IMAGES, MODEL_SECONDS = PREFIX + "images", PREFIX + "model_images", PREFIX + "model_seconds"
-THUMBNAILS, JOB_INPUTS = PREFIX + "thumbnails", PREFIX + "job_inputs"
+THUMBNAILS, INPUTS = PREFIX + "thumbnails", PREFIX + "inputs"
 
 # A failed row's reason is free text (the decoder's message, an HTTP status); its label is the stage that wrote
 # it, found by the stages' own fixed wording (inspect.py, prepare.py, dicomweb.py, storeback.py), first match wins.
@@ -89,7 +89,10 @@ def count_thumbnail(ok: bool) -> None:
         counter.inc(1, tags={"outcome": "ok" if ok else "failed"})
 
 
-def set_job_inputs(n: int) -> None:
-    gauge = _metric("Gauge", JOB_INPUTS, "inputs this run of the job has to do (after resume and listing)")
-    if gauge is not None:
-        gauge.set(n)
+def count_inputs(n: int) -> None:
+    """The driver's count of the inputs it hands the pipeline: progress is images over inputs. A counter, not a
+    gauge: Ray's agent drops a gauge's series a few seconds after its last set (measured with 2.60.0), and the
+    driver sets this once."""
+    counter = _metric("Counter", INPUTS, "inputs given to the pipeline, after the resume took the done ones off")
+    if counter is not None and n:
+        counter.inc(n)

@@ -72,7 +72,7 @@ def run(job: Job) -> dict:
             algorithm = Algorithm.of(ModelInfo(name, version, card["backbone"], float(card["threshold"]),
                                                clinical=is_clinical(card)))
             start()
-            metrics.set_job_inputs(len(todo))
+            metrics.count_inputs(len(todo))
             _screen(job, todo, tag, rules, algorithm, out / "results")
         results = resume.read_results(out / "results")
         wanted = thumbnails.missing(worklist.flagged_images(results), out)  # after a rerun: only the missing ones

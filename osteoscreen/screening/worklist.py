@@ -133,10 +133,13 @@ def report(counts: dict, ranked: pd.DataFrame, results: pa.Table, out: Path) -> 
     e = html.escape
     reasons = "".join(f"<li>excluded, {e(k)}: {v}</li>" for k, v in counts["excluded_by_reason"].items())
     reasons += "".join(f"<li>failed, {e(k)}: {v}</li>" for k, v in counts["failed_by_reason"].items())
-    head = "".join(f"<th>{e(c)}</th>" for c in REFERRAL_COLUMNS) + "<th>flagged studies' top images</th>"
+    # the thumbnails before the long study UIDs, so that a screen's width shows them
+    head = "".join(f"<th>{e(c)}</th>" for c in REFERRAL_COLUMNS[:-1]) + "<th>flagged studies' top images</th>"
+    head += f"<th>{e(REFERRAL_COLUMNS[-1])}</th>"
     thumbs = thumbnail_cells(results, out)
-    body = "".join("<tr>" + "".join(f"<td>{e(str(row[c]))}</td>" for c in REFERRAL_COLUMNS)
-                   + f'<td class="thumbnails">{thumbs.get(row["patient_id"], "")}</td></tr>'
+    body = "".join("<tr>" + "".join(f"<td>{e(str(row[c]))}</td>" for c in REFERRAL_COLUMNS[:-1])
+                   + f'<td class="thumbnails">{thumbs.get(row["patient_id"], "")}</td>'
+                   + f'<td class="studies">{e(str(row[REFERRAL_COLUMNS[-1]]))}</td></tr>'
                    for _, row in ranked.iterrows())
     chart = base64.b64encode(histogram_png(results)).decode()
     s = counts["by_status"]
@@ -144,7 +147,8 @@ def report(counts: dict, ranked: pd.DataFrame, results: pa.Table, out: Path) -> 
 <html lang="en"><head><meta charset="utf-8"><title>OsteoScreen referral list</title>
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #999;padding:4px 8px}}th{{background:#eee}}
-figure{{display:inline-block;margin:4px;font-size:smaller}}img.thumbnail{{max-width:256px;max-height:256px}}</style></head>
+figure{{display:inline-block;margin:4px;font-size:smaller;max-width:256px;word-break:break-all}}
+td.studies{{word-break:break-all;max-width:24em}}img.thumbnail{{max-width:256px;max-height:256px}}</style></head>
 <body><h1>DXA referral list</h1>
 <p>Patients whose highest probability is at or over the model's threshold, ranked. Contains patient identifiers.
 Each flagged study shows its top image with the explanation overlay: red pushes towards osteoporosis, blue away from
