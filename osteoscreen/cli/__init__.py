@@ -137,7 +137,8 @@ def _cmd_screen(args: argparse.Namespace) -> int:
     job = Job(args.source, Path(args.out), model_tag=args.model, results_to=args.results_to,
               ray_address=args.ray_address, since=args.since, until=args.until, precision=args.precision,
               actors=args.actors, cpus_per_actor=args.cpus_per_actor, gpus_per_actor=args.gpus_per_actor,
-              batch_size=args.batch_size, max_requests_per_s=args.max_requests_per_s, concurrency=args.concurrency)
+              batch_size=args.batch_size, max_requests_per_s=args.max_requests_per_s, concurrency=args.concurrency,
+              metrics_port=args.metrics_port)
     if args.bench:
         from osteoscreen.screening.bench import run_bench
 
@@ -294,6 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-requests-per-s", type=float, default=None,
                    help="DICOMweb: requests per second to the archive, for the whole job (default: no limit)")
     p.add_argument("--concurrency", type=int, default=4, help="DICOMweb: retrieves in flight at most")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="the local Ray's metrics export port, for Prometheus (default: Ray picks one; with "
+                        "--ray-address the cluster's own)")
     p.add_argument("--bench", action="store_true",
                    help="also measure: pipeline images/s against raw model images/s in this run, as JSON (new --out)")
     p.add_argument("--precision", choices=PRECISION_CHOICES, default=None, help=PRECISION_HELP)

@@ -6,7 +6,10 @@
       -> filter                        ids already in DIR/results (resume.done_ids) and dates outside the range
       -> prepare.prepare       (task)  read and decode to the model input; a bad file becomes a failed row
       -> actor.Screener        (actor) the bundle, loaded once per actor: extractor + forest + content check
-      -> storeback.StoreBack   (task)  optional: the SR back to a PACS, with the node's deterministic UIDs
+      -> storeback.StoreBack   (actor) optional: the SR back to a PACS, with the node's deterministic UIDs
       -> write_parquet                 DIR/results/, the columns of `schema.SCHEMA`
-    then summary.json, referrals.csv and report.html from the whole results table (`worklist`).
+    then thumbnails.Thumbnailer (actor) the explanation overlay of each flagged study's top image, the missing
+                                       ones only, into DIR/thumbnails/
+    and summary.json, referrals.csv and report.html from the whole results table (`worklist`).
+The stages count their work in Ray's metrics (`metrics`), for Prometheus on a cluster.
 """

@@ -8,6 +8,7 @@ ones as they came, stamped with the model they were not screened by.
 
 from __future__ import annotations
 
+import time
 from datetime import datetime, timezone
 
 import numpy as np
@@ -15,18 +16,21 @@ import pandas as pd
 import pyarrow as pa
 
 from osteoscreen.results import assemble
+from osteoscreen.screening import metrics
 from osteoscreen.screening.schema import COLUMNS, EXCLUDED, PENDING, PIXELS, SCHEMA, SCREENED
 from osteoscreen.types import INPUT_SIZE
 
 
 class Screener:
-    def __init__(self, tag: str, precision: str | None = None, cpus: float = 1.0) -> None:
+    def __init__(self, tag: str, precision: str | None = None, cpus: float = 1.0, last: bool = True) -> None:
+        """`last`: no stage changes a row's status after this one (no store-back), so it counts the rows done."""
         from osteoscreen.model import bundle
         from osteoscreen.model.threads import limit_threads
 
         limit_threads(threads_for(cpus))  # TensorFlow's pools sized to the actor's CPUs, as the model service's are
         self.bundle = bundle.load(tag, precision=precision)
         self.info, self.rules = self.bundle.info, self.bundle.intended_use
+        self.last = last
 
     def __call__(self, batch: pd.DataFrame) -> pa.Table:
         batch = batch.copy()
@@ -36,7 +40,9 @@ class Screener:
         if len(pending):
             images = np.stack([np.frombuffer(batch[PIXELS].iat[i], np.float32).reshape(INPUT_SIZE, INPUT_SIZE, 1)
                                for i in pending])
+            started = time.perf_counter()
             probabilities, scores = self.bundle.assess(images)
+            metrics.count_model(len(pending), time.perf_counter() - started)
             for i, p, score in zip(pending, probabilities.tolist(), scores.tolist(), strict=True):
                 prediction = assemble(p, score, (), self.info, self.rules)
                 if prediction.findings:  # the content check: not a lumbar radiograph the model can read
@@ -50,6 +56,8 @@ class Screener:
                     batch.iat[i, batch.columns.get_loc("label")] = prediction.label
         batch["threshold"], batch["model"] = self.info.threshold, self.bundle.tag
         batch["precision"], batch["time"] = self.bundle.precision, datetime.now(timezone.utc)
+        if self.last:
+            metrics.count_rows(zip(batch["status"], batch["reason"], strict=True))
         return as_results(batch)
 
 

@@ -17,7 +17,7 @@ import pydicom
 
 from osteoscreen.dicom_results import sr
 from osteoscreen.dicom_results.identity import Algorithm
-from osteoscreen.screening import dicomweb
+from osteoscreen.screening import dicomweb, metrics
 from osteoscreen.screening.actor import as_results
 from osteoscreen.screening.schema import FAILED, SCREENED
 from osteoscreen.screening.sources import open_input
@@ -44,6 +44,7 @@ class StoreBack:
             if error:
                 frame.iat[i, frame.columns.get_loc("status")] = FAILED
                 frame.iat[i, frame.columns.get_loc("reason")] = f"store-back: {error}"
+        metrics.count_rows(zip(frame["status"], frame["reason"], strict=True))  # the last stage: rows are done
         return as_results(frame)
 
     def _store(self, row: pd.Series) -> str | None:

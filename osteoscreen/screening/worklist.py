@@ -4,7 +4,9 @@ highest probability is at or over the model's threshold, ranked by it, with thei
     summary.json   counts by status and by reason
     referrals.csv  one line per patient: rank, patient, highest probability, study date of that image, images
                    screened, flagged studies (study UID and date)
-    report.html    the counts, the probability histogram (matplotlib) and the ranked table
+    report.html    the counts, the probability histogram (matplotlib) and the ranked table, with the thumbnail
+                   of each flagged study's top image and its explanation overlay (`thumbnails`, made
+                   beforehand under DIR/thumbnails/ and linked relatively: the page needs nothing online)
 
 A file without a patient ID (a PNG from a folder) is its own entry, named by its source.
 """
@@ -21,6 +23,7 @@ import pandas as pd
 import pyarrow as pa
 
 from osteoscreen.screening.schema import EXCLUDED, FAILED, SCREENED
+from osteoscreen.screening.thumbnails import relative_path
 
 REFERRAL_COLUMNS = ("rank", "patient_id", "max_probability", "threshold", "study_date", "images", "flagged_studies")
 
@@ -33,6 +36,20 @@ def summary(results: pa.Table) -> dict:
     return {"total": len(frame), "by_status": by_status,
             "excluded_by_reason": {str(k): int(v) for k, v in excluded.items()},
             "failed_by_reason": {str(k): int(v) for k, v in failed.items()}}
+
+
+def flagged_images(results: pa.Table) -> pd.DataFrame:
+    """The top image (highest probability) of each flagged study: a study with an image at or over the
+    threshold, whose patient is therefore referred. Columns patient, study, study_date, id, source, probability;
+    highest first."""
+    frame = results.select(["id", "source", "patient_id", "study_instance_uid", "study_date", "status",
+                            "probability", "threshold"]).to_pandas(date_as_object=True)
+    flagged = frame[(frame["status"] == SCREENED) & (frame["probability"] >= frame["threshold"])].copy()
+    flagged["patient"] = flagged["patient_id"].where(flagged["patient_id"].notna(), flagged["source"])
+    flagged["study"] = flagged["study_instance_uid"].where(flagged["study_instance_uid"].notna(), flagged["source"])
+    top = (flagged.sort_values(["probability", "id"], ascending=[False, True])
+           .drop_duplicates(["patient", "study"]).reset_index(drop=True))
+    return top[["patient", "study", "study_date", "id", "source", "probability"]]
 
 
 def referrals(results: pa.Table) -> pd.DataFrame:
@@ -69,7 +86,7 @@ def write(results: pa.Table, out: Path) -> dict:
     (out / "summary.json").write_text(json.dumps(counts, indent=2) + "\n")
     ranked = referrals(results)
     ranked.to_csv(out / "referrals.csv", index=False)
-    (out / "report.html").write_text(report(counts, ranked, results))
+    (out / "report.html").write_text(report(counts, ranked, results, out))
     return counts
 
 
@@ -95,22 +112,47 @@ def histogram_png(results: pa.Table) -> bytes:
     return buffer.getvalue()
 
 
-def report(counts: dict, ranked: pd.DataFrame, results: pa.Table) -> str:
-    """One self-contained HTML page (the histogram inline): it holds patient identifiers, like DIR."""
+def thumbnail_cells(results: pa.Table, out: Path) -> dict[str, str]:
+    """Per referred patient, the HTML of its flagged studies' thumbnails (those made; a study whose thumbnail
+    could not be made says so)."""
+    e = html.escape
+    cells: dict[str, list[str]] = {}
+    for row in flagged_images(results).itertuples():
+        day = row.study_date.isoformat() if row.study_date is not None else "no date"
+        caption = f"{e(str(row.study))} ({day}), p = {row.probability:.3f}"
+        path = relative_path(row.id)
+        image = (f'<img class="thumbnail" src="{e(path)}" alt="explanation overlay of study {e(str(row.study))}">'
+                 if (out / path).exists() else '<span class="no-thumbnail">no thumbnail</span>')
+        cells.setdefault(row.patient, []).append(f"<figure>{image}<figcaption>{caption}</figcaption></figure>")
+    return {patient: "".join(figures) for patient, figures in cells.items()}
+
+
+def report(counts: dict, ranked: pd.DataFrame, results: pa.Table, out: Path) -> str:
+    """One HTML page, readable offline: the histogram inline, the thumbnails beside it in DIR/thumbnails/ (linked
+    relatively; nothing online). It holds patient identifiers and images, like DIR."""
     e = html.escape
     reasons = "".join(f"<li>excluded, {e(k)}: {v}</li>" for k, v in counts["excluded_by_reason"].items())
     reasons += "".join(f"<li>failed, {e(k)}: {v}</li>" for k, v in counts["failed_by_reason"].items())
-    head = "".join(f"<th>{e(c)}</th>" for c in REFERRAL_COLUMNS)
-    body = "".join("<tr>" + "".join(f"<td>{e(str(row[c]))}</td>" for c in REFERRAL_COLUMNS) + "</tr>"
+    # the thumbnails before the long study UIDs, so that a screen's width shows them
+    head = "".join(f"<th>{e(c)}</th>" for c in REFERRAL_COLUMNS[:-1]) + "<th>flagged studies' top images</th>"
+    head += f"<th>{e(REFERRAL_COLUMNS[-1])}</th>"
+    thumbs = thumbnail_cells(results, out)
+    body = "".join("<tr>" + "".join(f"<td>{e(str(row[c]))}</td>" for c in REFERRAL_COLUMNS[:-1])
+                   + f'<td class="thumbnails">{thumbs.get(row["patient_id"], "")}</td>'
+                   + f'<td class="studies">{e(str(row[REFERRAL_COLUMNS[-1]]))}</td></tr>'
                    for _, row in ranked.iterrows())
     chart = base64.b64encode(histogram_png(results)).decode()
     s = counts["by_status"]
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>OsteoScreen referral list</title>
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #999;padding:4px 8px}}th{{background:#eee}}</style></head>
+td,th{{border:1px solid #999;padding:4px 8px}}th{{background:#eee}}
+figure{{display:inline-block;margin:4px;font-size:smaller;max-width:256px;word-break:break-all}}
+td.studies{{word-break:break-all;max-width:24em}}img.thumbnail{{max-width:256px;max-height:256px}}</style></head>
 <body><h1>DXA referral list</h1>
-<p>Patients whose highest probability is at or over the model's threshold, ranked. Contains patient identifiers.</p>
+<p>Patients whose highest probability is at or over the model's threshold, ranked. Contains patient identifiers.
+Each flagged study shows its top image with the explanation overlay: red pushes towards osteoporosis, blue away from
+it; colours are scaled per image (where the evidence lies, not how strong it is).</p>
 <ul id="counts"><li>screened: {s[SCREENED]}</li><li>excluded: {s[EXCLUDED]}</li><li>failed: {s[FAILED]}</li>{reasons}</ul>
 <img id="histogram" alt="probability histogram" src="data:image/png;base64,{chart}">
 <table id="referrals"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>
