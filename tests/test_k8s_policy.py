@@ -724,9 +724,11 @@ def test_rayjob_ray_version_is_the_screen_extras():
     import tomllib
 
     extra = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["screen"]
-    (pin,) = [re.fullmatch(r"ray\[data\]==(\S+)", d).group(1) for d in extra if d.startswith("ray")]
-    assert rayjob()["spec"]["rayClusterSpec"]["rayVersion"] == pin
-    assert f'"ray[data]=={pin}"' in (REPO / "docker" / "Dockerfile.ray").read_text()
+    (requirement,) = [d.split(";")[0].strip() for d in extra if d.startswith("ray")]
+    match = re.fullmatch(r"ray\[([a-z,]+)\]==(\S+)", requirement)
+    assert match and {"data", "default"} <= set(match.group(1).split(",")), requirement  # default: metrics agent
+    assert rayjob()["spec"]["rayClusterSpec"]["rayVersion"] == match.group(2)
+    assert f'"{requirement}"' in (REPO / "docker" / "Dockerfile.ray").read_text()
 
 
 def test_rayjob_runs_the_bento_image_with_ray():

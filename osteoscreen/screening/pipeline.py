@@ -66,7 +66,7 @@ def run(job: Job) -> dict:
     else:
         inputs = sources.list_inputs(job.source)
     todo = [row for row in inputs if row["source"] not in done]
-    with _ray(job) as start:
+    with ray_session(job) as start:
         if todo:
             name, _, version = tag.partition(":")
             algorithm = Algorithm.of(ModelInfo(name, version, card["backbone"], float(card["threshold"]),
@@ -92,7 +92,7 @@ def prepare_out(out: Path) -> Path:
 
 
 @contextlib.contextmanager
-def _ray(job: Job) -> Iterator:
+def ray_session(job: Job) -> Iterator:
     """Yields `start()`, which joins Ray (the cluster at --ray-address, else a local one) the first time it is
     called; a Ray this process started is shut down on leaving. A caller that initialised Ray itself keeps it."""
     import ray
