@@ -16,7 +16,6 @@ float32 here (`precision.SPEED_ORDER`). Why these settings:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import sys
@@ -29,6 +28,7 @@ import numpy as np
 
 from osteoscreen.errors import ModelIntegrityError
 from osteoscreen.model.precision import BFLOAT16, FLOAT32, INT8, RuntimeUnavailableError
+from osteoscreen.model.weights import sha256_file
 
 log = logging.getLogger("osteoscreen.openvino")
 
@@ -99,14 +99,6 @@ def only(model, features: Sequence[str]) -> Any:
     return ov.Model(results, model.get_parameters(), model.get_friendly_name())
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def save(model, xml: Path) -> dict:
     """Write the IR (xml + bin) and return what the model card records of it. Weights are not compressed to
     float16 (save_model's default): float32 must stay float32."""
@@ -114,7 +106,7 @@ def save(model, xml: Path) -> dict:
     xml.parent.mkdir(parents=True, exist_ok=True)
     ov.save_model(model, str(xml), compress_to_fp16=False)
     binary = xml.with_suffix(".bin")
-    return {"xml": xml.name, "xml_sha256": sha256(xml), "bin": binary.name, "bin_sha256": sha256(binary)}
+    return {"xml": xml.name, "xml_sha256": sha256_file(xml), "bin": binary.name, "bin_sha256": sha256_file(binary)}
 
 
 def read(folder: Path, record: dict) -> Any:
@@ -122,7 +114,7 @@ def read(folder: Path, record: dict) -> Any:
     ov = require()
     for part in ("xml", "bin"):
         path = folder / record[part]
-        if not path.exists() or sha256(path) != record[f"{part}_sha256"]:
+        if not path.exists() or sha256_file(path) != record[f"{part}_sha256"]:
             raise ModelIntegrityError(f"OpenVINO model file {path} is missing or differs from the one registered "
                                       f"(sha256 {record[f'{part}_sha256'][:16]}...)")
     return ov.Core().read_model(str(folder / record["xml"]))
@@ -159,4 +151,4 @@ class OpenVINOExtractor:
 
 
 __all__ = ["CALIBRATION_IMAGES", "HINTS", "OpenVINOExtractor", "convert", "first_convolution", "only", "quantize",
-           "read", "require", "save", "sha256"]
+           "read", "require", "save"]
